@@ -1,0 +1,52 @@
+"""deltatune: parameter-efficient adaptation of pretrained models.
+
+One idea, a delta at a site; four nouns: Config, Delta, Site, DeltaModel (see docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .core.config import DeltaConfig
+from .core.delta import Delta, MergeError, ModuleCopy
+from .core.model import DeltaModel, owner_of
+from .core.registry import available_methods, config, register
+from .core.site import Site
+from .core.targeting import inspect
+from .io.adapter import AdapterFileError
+from .methods.lora import LoRAConfig
+
+__version__ = "0.1.0"
+
+
+def attach(model: nn.Module, cfg: DeltaConfig, name: str = "default", *, trainable: bool = True) -> DeltaModel:
+    """Attach a delta to ``model`` (base weights frozen) and return the DeltaModel that holds it.
+
+    If ``model`` already has adapters, the new one is added to its existing DeltaModel.
+    """
+    dm = owner_of(model) or DeltaModel(model)
+    dm.add(cfg, name, trainable=trainable)
+    return dm
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
+                 trainable: bool = False, allow_pickle: bool = False) -> DeltaModel:
+    """Load a saved adapter (deltatune's or PEFT's) onto ``model``; frozen unless ``trainable``."""
+    dm = owner_of(model) or DeltaModel(model)
+    dm.load(path, name, trainable=trainable, allow_pickle=allow_pickle)
+    return dm
+
+
+def load_pretrained(spec, **kwargs):
+    """Load a model and tokenizer: ``"smollm2-135m"``, ``"minilm-l6"``, a local HF folder or a .gguf file."""
+    from .models import load_pretrained as _load
+
+    return _load(spec, **kwargs)
+
+
+__all__ = [
+    "AdapterFileError", "Delta", "DeltaConfig", "DeltaModel", "LoRAConfig", "MergeError", "ModuleCopy", "Site",
+    "attach", "available_methods", "config", "inspect", "load_adapter", "load_pretrained", "register",
+]

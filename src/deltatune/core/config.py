@@ -1,0 +1,110 @@
+"""Config: a validated, serialisable description of one method.
+
+Every method's config subclasses :class:`DeltaConfig`, which carries what all methods share: where the
+delta goes (``targets``, ``exclude``, ``layers``), which whole modules train alongside
+(``modules_to_save``) and the adapter dtype policy. Bad values fail at construction with a pydantic
+error naming the field; unknown fields fail too (``from_dict`` tolerates them with a warning, for files
+written by newer releases).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .delta import Delta
+
+TargetSpec = str | list[str] | None
+
+
+class DeltaConfig(BaseModel):
+    """Fields shared by every method.
+
+    targets: a string is a regex that must fully match a module's qualified name; a list matches exact
+        names or dotted suffixes; ``"all-linear"`` selects every linear layer except the output head.
+        ``None`` means the method's own default.
+    exclude: same forms as ``targets``; wins over it.
+    layers: indices of the transformer blocks to adapt (the block pattern is inferred, or given as
+        ``layers_pattern``, e.g. ``"layers"`` or ``"h"``).
+    modules_to_save: modules trained and saved in full (e.g. a classification head), per adapter.
+    adapter_dtype: ``"float32"`` keeps the delta in float32 on a half-precision base (default),
+        ``"base"`` uses the base weight's dtype.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    type: ClassVar[str] = "base"
+    default_targets: ClassVar[str | list[str]] = "all-linear"
+    peft_type: ClassVar[str | None] = None  # the name of the method in the PEFT format, if it has one
+    targets: TargetSpec = None
+    exclude: TargetSpec = None
+    layers: list[int] | None = None
+    layers_pattern: str | None = None
+    modules_to_save: list[str] | None = None
+    adapter_dtype: str = "float32"
+
+    @field_validator("targets", "exclude")
+    @classmethod
+    def _non_empty(cls, v: TargetSpec) -> TargetSpec:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list selects nothing; give module names or leave unset")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("an empty string selects nothing")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_non_negative(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(i < 0 for i in v):
+            raise ValueError(f"layer indices must be >= 0, got {v}")
+        return v
+
+    @field_validator("adapter_dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        allowed = ("float32", "base", "bfloat16", "float16")
+        if v not in allowed:
+            raise ValueError(f"adapter_dtype must be one of {allowed}, got {v!r}")
+        return v
+
+    # -- what a method file provides ------------------------------------------------------------
+    def supports(self, module: nn.Module) -> bool:
+        """Whether this method can adapt ``module``."""
+        raise NotImplementedError
+
+    def make_delta(self, module: nn.Module, path: str) -> Delta:
+        """A fresh delta for ``module`` (at qualified name ``path``), initialised per the config."""
+        raise NotImplementedError
+
+    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
+        """The PEFT-format ``adapter_config.json`` fields, for exactly ``target_modules``."""
+        raise NotImplementedError(f"{type(self).__name__} has no PEFT-format equivalent")
+
+    @classmethod
+    def from_peft(cls, data: dict[str, Any]) -> DeltaConfig:
+        raise NotImplementedError(f"{cls.__name__} cannot read PEFT-format configs")
+
+    def saved_config(self) -> DeltaConfig:
+        """The config that describes the *saved* files (a method may save in a converted form)."""
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **self.model_dump(mode="json")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeltaConfig:
+        """Build from a dict, dropping (with a warning) keys this release does not know."""
+        data = {k: v for k, v in data.items() if k != "type"}
+        unknown = sorted(set(data) - set(cls.model_fields))
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__}: ignoring unknown config keys {unknown} (written by a newer release?)",
+                stacklevel=2,
+            )
+            data = {k: v for k, v in data.items() if k not in unknown}
+        return cls(**data)

@@ -1,0 +1,353 @@
+"""DeltaModel: the facade a user holds.
+
+It owns the wrapped model, the configs of its adapters, and the :class:`SiteState` every Site reads.
+Every operation that can fail validates and builds everything first, and only then mutates the model,
+so a failing ``add``/``load``/``merge``/``delete`` leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import DeltaConfig
+from .delta import Delta, ModuleCopy
+from .site import Site, SiteState
+from .targeting import select, select_saved
+
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, DeltaModel] = weakref.WeakKeyDictionary()
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def owner_of(model: nn.Module) -> DeltaModel | None:
+    """The DeltaModel that has adapters attached to ``model``, if any."""
+    return model if isinstance(model, DeltaModel) else _OWNERS.get(model)
+
+
+class DeltaModel(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if isinstance(model, DeltaModel):
+            raise TypeError("model is already a DeltaModel; call .add() on it")
+        self.model = model
+        self._state = SiteState()
+        self.configs: dict[str, DeltaConfig] = {}
+        self.trainable: dict[str, bool] = {}
+        self._requires_grad: dict[str, bool] | None = None  # the base's flags, restored on unload
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self._modules["model"], name)
+
+    # -- running -------------------------------------------------------------------------------
+    def forward(self, *args, adapters: list[str | None] | None = None, **kwargs):
+        """The wrapped model's forward; ``adapters`` routes each batch row to its own adapter (None = base)."""
+        if adapters is None:
+            return self.model(*args, **kwargs)
+        with self.routing(adapters):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapters: list[str | None] | None = None, **kwargs):
+        gen = getattr(self.model, "generate", None)
+        if gen is None:
+            raise AttributeError(f"{type(self.model).__name__} has no generate()")
+        if adapters is None:
+            return gen(*args, **kwargs)
+        with self.routing(adapters):
+            return gen(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def routing(self, adapters: list[str | None]) -> Iterator[None]:
+        """Per-row adapters for every forward inside the block: row i uses ``adapters[i]``."""
+        if self.training:
+            raise RuntimeError("per-row adapter routing is for inference; call .eval() first")
+        unknown = sorted({a for a in adapters if a is not None and a not in self.configs})
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.configs)}")
+        merged = sorted({n for _, s in self.sites() for n in s.merged})
+        if merged:
+            raise RuntimeError(f"adapter(s) {merged} are merged into the weights; unmerge before per-row routing")
+        device = next(self.model.parameters()).device
+        groups: dict[str, list[int]] = {}
+        for i, a in enumerate(adapters):
+            if a is not None:
+                groups.setdefault(a, []).append(i)
+        st = self._state
+        st.route = {a: torch.tensor(rows, device=device) for a, rows in groups.items()}
+        st.route_rows = len(adapters)
+        st.bump()
+        try:
+            yield
+        finally:
+            st.route, st.route_rows = None, 0
+            st.bump()
+
+    # -- adapters ------------------------------------------------------------------------------
+    def add(
+        self,
+        cfg: DeltaConfig,
+        name: str = "default",
+        *,
+        trainable: bool = True,
+        state: dict[str, Tensor] | None = None,
+    ) -> DeltaModel:
+        """Attach a new adapter. ``state`` (``<module path>.<param>`` -> tensor) loads saved weights into it.
+
+        The first adapter becomes active; later ones are activated with :meth:`activate`.
+        """
+        if not isinstance(cfg, DeltaConfig):
+            raise TypeError(f"expected a method config (e.g. LoRAConfig), got {type(cfg).__name__}")
+        if not _NAME.match(name):
+            raise ValueError(f"adapter name {name!r} must be an identifier (letters, digits, _ or -)")
+        if name in self.configs:
+            raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+        deltas = self._build(cfg)
+        if state is not None:
+            for path, part in _by_module(state, deltas).items():
+                deltas[path].import_state(part, path)
+        # nothing below can fail: install
+        if self._requires_grad is None:
+            self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
+            self.model.requires_grad_(False)
+            _OWNERS[self.model] = self
+        for path, d in deltas.items():
+            d.set_trainable(trainable)
+            self._site(path).deltas[name] = d
+        self.configs[name] = cfg
+        self.trainable[name] = trainable
+        if not self._state.active:
+            self._state.active = (name,)
+        self._state.bump()
+        return self
+
+    def _build(self, cfg: DeltaConfig) -> dict[str, Delta]:
+        sel = select(self.model, cfg, cfg.supports, cfg.default_targets)
+        saved = select_saved(self.model, cfg.modules_to_save) if cfg.modules_to_save else {}
+        wrapped = dict(self.sites())
+        for path in sel.names:
+            site = wrapped.get(path)
+            if site is not None and any(d.replaces_base for d in site.deltas.values()):
+                raise ValueError(f"module {path!r} is saved in full by another adapter; it cannot also be adapted")
+        for path in saved:
+            site = wrapped.get(path)
+            if site is not None and any(not d.replaces_base for d in site.deltas.values()):
+                raise ValueError(f"modules_to_save {path!r} is already adapted by another adapter")
+        deltas: dict[str, Delta] = {}
+        for path, m in sel.modules.items():
+            deltas[path] = _place(cfg.make_delta(m, path), m, cfg.adapter_dtype)
+        for path, m in saved.items():
+            deltas[path] = ModuleCopy(m)
+        return deltas
+
+    def _site(self, path: str) -> Site:
+        parent, attr = self._parent(path)
+        child = parent._modules[attr]
+        if isinstance(child, Site):
+            return child
+        site = Site(child, self._state)
+        parent._modules[attr] = site
+        return site
+
+    def _parent(self, path: str) -> tuple[nn.Module, str]:
+        *parents, attr = path.split(".")
+        m: nn.Module = self.model
+        for p in parents:
+            m = m._modules[p]
+            if isinstance(m, Site):
+                m = m.base
+        return m, attr
+
+    def sites(self) -> Iterator[tuple[str, Site]]:
+        for name, m in self.model.named_modules():
+            if isinstance(m, Site):
+                yield name, m
+
+    def deltas(self, name: str) -> dict[str, Delta]:
+        """The deltas of adapter ``name``, by module path."""
+        self._require(name)
+        return {p: s.deltas[name] for p, s in self.sites() if name in s.deltas}
+
+    def _require(self, *names: str) -> None:
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.configs)}")
+
+    @property
+    def active(self) -> list[str]:
+        return list(self._state.active)
+
+    def activate(self, names: str | list[str]) -> None:
+        """Make one adapter, or several at once (their effects add), the active ones."""
+        names = [names] if isinstance(names, str) else list(names)
+        self._require(*names)
+        merged = {n for _, s in self.sites() for n in s.merged} - set(names)
+        if merged:
+            raise RuntimeError(f"adapter(s) {sorted(merged)} are merged; unmerge them before deactivating")
+        for path, s in self.sites():
+            if sum(1 for n in names if n in s.deltas and s.deltas[n].replaces_base) > 1:
+                raise ValueError(f"adapters {names} each save their own copy of {path!r}; activate only one")
+        self._state.active = tuple(dict.fromkeys(names))
+        self._state.bump()
+
+    def set_trainable(self, name: str, trainable: bool = True) -> None:
+        for d in self.deltas(name).values():
+            d.set_trainable(trainable)
+        self.trainable[name] = trainable
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Inside the block the model is exactly the base model (merged adapters are unmerged meanwhile)."""
+        merged = {p: list(s.merged) for p, s in self.sites() if s.merged}
+        for p, s in self.sites():
+            if p in merged:
+                s.unmerge()
+        self._state.disabled = True
+        self._state.bump()
+        try:
+            yield
+        finally:
+            self._state.disabled = False
+            sites = dict(self.sites())
+            for p, names in merged.items():
+                sites[p].merge(names)
+            self._state.bump()
+
+    # -- merging -------------------------------------------------------------------------------
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights. Checks everything first."""
+        names = self.active if names is None else names
+        self._require(*names)
+        inactive = [n for n in names if n not in self._state.active]
+        if inactive:
+            raise RuntimeError(f"adapter(s) {inactive} are not active; activate before merging")
+        todo: dict[str, list[str]] = {}
+        for p, s in self.sites():
+            pending = [n for n in names if n in s.deltas and n not in s.merged]
+            if pending:
+                s.check_mergeable(pending, p)
+                todo[p] = pending
+        if not todo:
+            warnings.warn(f"adapter(s) {names} are already merged; nothing to do", stacklevel=2)
+            return
+        sites = dict(self.sites())
+        for p, pending in todo.items():
+            sites[p].merge(pending)
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        for _, s in self.sites():
+            s.unmerge(names)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain model: original module classes, no wrappers."""
+        self.merge()
+        return self._unwrap(keep_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging; return the base model with its original outputs."""
+        self.unmerge()
+        return self._unwrap(keep_copies=False)
+
+    def _unwrap(self, keep_copies: bool) -> nn.Module:
+        active = set(self._state.active)
+        for path, s in list(self.sites()):
+            parent, attr = self._parent(path)
+            copies = [d for n, d in s.deltas.items() if d.replaces_base and n in active]
+            parent._modules[attr] = copies[0].module if keep_copies and copies else s.base
+        self._release()
+        return self.model
+
+    def _release(self) -> None:
+        if self._requires_grad is not None:
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
+        self._requires_grad = None
+        self.configs.clear()
+        self.trainable.clear()
+        self._state.active = ()
+        self._state.bump()
+        _OWNERS.pop(self.model, None)
+
+    def delete(self, name: str) -> None:
+        """Remove every trace of adapter ``name``; sites left without deltas are unwrapped."""
+        self._require(name)
+        merged = [p for p, s in self.sites() if name in s.merged]
+        if merged:
+            raise RuntimeError(f"adapter {name!r} is merged (e.g. at {merged[0]!r}); unmerge it before deleting")
+        for path, s in list(self.sites()):
+            if name in s.deltas:
+                del s.deltas[name]
+                if not len(s.deltas):
+                    parent, attr = self._parent(path)
+                    parent._modules[attr] = s.base
+        del self.configs[name]
+        del self.trainable[name]
+        self._state.active = tuple(n for n in self._state.active if n != name)
+        self._state.bump()
+        if not self.configs:
+            self._release()
+
+    # -- counting, saving ----------------------------------------------------------------------
+    def num_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; shared parameters are counted once."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def adapter_state(self, name: str) -> dict[str, dict[str, Tensor]]:
+        """Module path -> the tensors adapter ``name`` saves there."""
+        return {p: d.export_state() for p, d in self.deltas(name).items()}
+
+    def save(self, path, names: list[str] | None = None) -> None:
+        """Write each adapter in the PEFT format (``default`` at ``path``, others in ``path/<name>``)."""
+        from ..io.adapter import save_adapters
+
+        save_adapters(self, path, names)
+
+    def load(self, path, name: str | None = None, *, trainable: bool = False, allow_pickle: bool = False) -> str:
+        """Load a saved adapter under ``name`` (default: its folder's adapter name); returns the name."""
+        from ..io.adapter import load_adapter_into
+
+        return load_adapter_into(self, path, name, trainable=trainable, allow_pickle=allow_pickle)
+
+
+def _by_module(state: dict[str, Tensor], deltas: dict[str, Delta]) -> dict[str, dict[str, Tensor]]:
+    """Split ``<path>.<param>`` keys by the module each belongs to (the longest path that prefixes it)."""
+    parts: dict[str, dict[str, Tensor]] = {p: {} for p in deltas}
+    unexpected = []
+    for key, t in state.items():
+        bits = key.split(".")
+        for i in range(len(bits) - 1, 0, -1):
+            path = ".".join(bits[:i])
+            if path in parts:
+                parts[path][".".join(bits[i:])] = t
+                break
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise KeyError(f"the file has weights for module(s) the config does not select: {unexpected[:5]}")
+    missing = [p for p, v in parts.items() if not v]
+    if missing:
+        raise KeyError(f"the file has no weights for module(s) {missing[:5]}, which the config selects")
+    return parts
+
+
+def _place(d: Delta, base: nn.Module, policy: str) -> Delta:
+    """Put a delta on the base's device, in the dtype the policy asks for."""
+    w = next(base.parameters(), None)
+    if w is None:
+        return d
+    if policy == "base" or not w.dtype.is_floating_point:
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+    else:
+        dtype = getattr(torch, policy)
+    return d.to(device=w.device, dtype=dtype)

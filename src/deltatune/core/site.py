@@ -1,0 +1,129 @@
+"""Site: the wrapper that replaces a target module in its parent.
+
+It keeps the original module untouched as ``base`` and a name-keyed dict of deltas. Which deltas are
+active, whether all are disabled, and the per-row routing of a mixed batch live in one
+:class:`SiteState` shared by every site of a DeltaModel, so switching adapters is O(1) and needs no walk
+over the model. The base computation is always delegated to the wrapped module (never reimplemented),
+so quantized or sharded layers can sit underneath.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .delta import Delta, MergeError, check_finite
+
+
+@dataclass
+class SiteState:
+    """What every site of one DeltaModel needs to know at forward time."""
+
+    active: tuple[str, ...] = ()
+    disabled: bool = False
+    # per-row routing: adapter name -> LongTensor of batch rows; rows in no group use the base only
+    route: dict[str, Tensor] | None = None
+    route_rows: int = 0
+    version: int = 0
+
+    def bump(self) -> None:
+        self.version += 1
+
+
+class Site(nn.Module):
+    def __init__(self, base: nn.Module, state: SiteState):
+        super().__init__()
+        self.base = base
+        self.deltas = nn.ModuleDict()
+        self.merged: list[str] = []
+        object.__setattr__(self, "_state", state)  # shared, deliberately not a submodule
+        self._cache: tuple[int, list[Delta], Delta | None] = (-1, [], None)
+
+    def __getattr__(self, name: str):
+        # model code sometimes reads attributes of the module it thinks it holds (weight, in_features...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "deltas"):
+                raise
+            return getattr(self._modules["base"], name)
+
+    # -- forward -------------------------------------------------------------------------------
+    def _active(self) -> tuple[list[Delta], Delta | None]:
+        st = self._state
+        if self._cache[0] != st.version:
+            ds = [self.deltas[n] for n in st.active if n in self.deltas and n not in self.merged]
+            replacing = [d for d in ds if d.replaces_base]
+            if len(replacing) > 1:
+                raise RuntimeError("two active adapters each replace the same module (modules_to_save)")
+            self._cache = (st.version, [d for d in ds if not d.replaces_base], replacing[0] if replacing else None)
+        return self._cache[1], self._cache[2]
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        st = self._state
+        if st.disabled:
+            return self.base(x, *args, **kwargs)
+        if st.route is not None:
+            return self._routed(x, *args, **kwargs)
+        deltas, replacing = self._active()
+        y = replacing(x, None, self.base, *args, **kwargs) if replacing else self.base(x, *args, **kwargs)
+        for d in deltas:
+            y = d(x, y, self.base)
+        return y
+
+    def _routed(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """Mixed batch: the base runs once for all rows; each adapter's delta runs on its own rows."""
+        st = self._state
+        if x.shape[0] != st.route_rows:
+            raise ValueError(f"per-row adapters were given for {st.route_rows} rows, but the batch has {x.shape[0]}")
+        y = self.base(x, *args, **kwargs)
+        out = None
+        for name, rows in st.route.items():
+            d = self.deltas[name] if name in self.deltas else None
+            if d is None:
+                continue
+            xr = x.index_select(0, rows)
+            if d.replaces_base:
+                yr = d(xr, None, self.base, *args, **kwargs)
+            else:
+                yr = d(xr, y.index_select(0, rows), self.base)
+            if out is None:
+                out = y.clone()
+            out.index_copy_(0, rows, yr.to(out.dtype))
+        return y if out is None else out
+
+    # -- merging -------------------------------------------------------------------------------
+    def check_mergeable(self, names: list[str], where: str) -> None:
+        """Raise before anything changes if merging ``names`` here would fail or give non-finite weights."""
+        w = self.base.weight if hasattr(self.base, "weight") else None
+        for n in names:
+            d = self.deltas[n]
+            if d.replaces_base:
+                continue
+            if not d.mergeable:
+                raise MergeError(f"{where}: adapter {n!r} ({type(d).__name__}) cannot be merged")
+            if w is None:
+                raise MergeError(f"{where}: module has no weight to merge into")
+            check_finite(d.merged_weight(self.base), f"{where} (adapter {n!r})")
+
+    @torch.no_grad()
+    def merge(self, names: list[str]) -> None:
+        for n in names:
+            if n in self.merged or self.deltas[n].replaces_base:
+                continue
+            self.deltas[n].merge_into(self.base)
+            self.merged.append(n)
+        self._state.bump()
+
+    @torch.no_grad()
+    def unmerge(self, names: list[str] | None = None) -> None:
+        for n in reversed(list(self.merged)):
+            if names is None or n in names:
+                self.deltas[n].unmerge_from(self.base)
+                self.merged.remove(n)
+        self._state.bump()
+
+    def extra_repr(self) -> str:
+        return f"merged={self.merged}" if self.merged else ""

@@ -1,0 +1,1 @@
+"""Reading and writing adapters: the Hugging Face PEFT format, safely."""

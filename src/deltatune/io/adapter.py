@@ -1,0 +1,172 @@
+"""Save and load adapters in the Hugging Face PEFT format.
+
+A folder holds ``adapter_config.json`` (PEFT's fields, plus a ``deltatune`` key PEFT ignores) and
+``adapter_model.safetensors`` with PEFT's key names (``base_model.model.<module>.lora_A.weight``, ...).
+Non-default adapter names go to a subfolder per name, as PEFT does. Files are written to a temporary
+name and renamed, so an interrupted save never leaves a broken adapter. Only safetensors load unless the
+caller explicitly allows pickle files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..core.config import DeltaConfig
+from ..core.registry import available_methods, config_class
+from ..core.targeting import iter_modules, matches
+
+if TYPE_CHECKING:
+    from ..core.model import DeltaModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PREFIX = "base_model.model."
+FORMAT_VERSION = 1
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder that cannot be loaded: missing, corrupt, or not matching the model."""
+
+
+# -- writing -------------------------------------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through ``write(tmp)`` then rename over ``path``: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def exact_targets(model, paths: list[str]) -> str | list[str]:
+    """A PEFT ``target_modules`` value that selects exactly ``paths``: leaf names if they suffice, else a regex."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    hits = {n for n, _ in iter_modules(model) if n and matches(leaves, n)}
+    if hits == set(paths):
+        return leaves
+    return "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+
+
+def save_adapters(dm: DeltaModel, path: str | os.PathLike, names: list[str] | None = None) -> None:
+    root = Path(path)
+    names = list(dm.configs) if names is None else names
+    dm._require(*names)
+    for name in names:
+        save_adapter(dm, name, root if name == "default" else root / name)
+
+
+def save_adapter(dm: DeltaModel, name: str, folder: Path) -> None:
+    from .. import __version__
+
+    cfg = dm.configs[name]
+    deltas = dm.deltas(name)
+    adapted = [p for p, d in deltas.items() if not d.replaces_base]
+    targets = exact_targets(dm.model, adapted)
+    saved = cfg.saved_config().model_copy(
+        update={"targets": targets, "exclude": None, "layers": None, "layers_pattern": None}
+    )
+    try:
+        config: dict[str, Any] = saved.to_peft(targets)
+    except NotImplementedError:
+        config = {}
+    config["deltatune"] = {"type": cfg.type, "format": FORMAT_VERSION, "version": __version__,
+                           "config": saved.to_dict()}
+    tensors = {f"{PREFIX}{p}.{k}": t.detach().to("cpu").contiguous()
+               for p, d in deltas.items() for k, t in d.export_state().items()}
+    atomic_write(folder / WEIGHTS_NAME, lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True)
+    atomic_write(folder / CONFIG_NAME, lambda f: f.write_text(text))
+
+
+# -- reading -------------------------------------------------------------------------------------
+def read_config(folder: Path) -> DeltaConfig:
+    """The config an adapter folder was saved with (deltatune's own section, else PEFT's fields)."""
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no adapter config here (is {folder} an adapter folder?)")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{file}: not valid JSON ({e})") from None
+    try:
+        ours = data.get("deltatune")
+        if isinstance(ours, dict) and "type" in ours:
+            return config_class(ours["type"]).from_dict(ours.get("config", {}))
+        peft_type = data.get("peft_type")
+        for name in available_methods():
+            cls = config_class(name)
+            if peft_type is not None and cls.peft_type == peft_type:
+                return cls.from_peft(data)
+    except ValidationError as e:
+        raise AdapterFileError(f"{file}: invalid config: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise AdapterFileError(f"{file}: missing or malformed field {e}") from None
+    raise AdapterFileError(f"{file}: unknown method type {peft_type!r}; deltatune reads: {available_methods()}")
+
+
+def read_weights(folder: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """The adapter tensors, keys without PEFT's ``base_model.model.`` prefix."""
+    file = folder / WEIGHTS_NAME
+    if file.is_file():
+        try:
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterFileError(f"{file}: not a readable safetensors file ({e})") from None
+    else:
+        pickled = [folder / n for n in PICKLE_NAMES if (folder / n).is_file()]
+        if not pickled:
+            raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} in this folder")
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{pickled[0]} is a pickle file, which can run code when loaded; deltatune loads only "
+                f"safetensors by default. If you trust its source, pass allow_pickle=True "
+                f"(command line: --allow-pickle), or convert it to {WEIGHTS_NAME}."
+            )
+        try:
+            tensors = torch.load(pickled[0], map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise AdapterFileError(f"{pickled[0]}: cannot be read ({e})") from None
+    out = {}
+    for k, t in tensors.items():
+        k = k[len(PREFIX):] if k.startswith(PREFIX) else k
+        if k.endswith(".base_layer.weight"):  # PEFT saves whole embedding matrices alongside embedding LoRA
+            warnings.warn(f"{file}: ignoring the saved base weight {k}; the model's own is used", stacklevel=3)
+            continue
+        out[k] = t
+    return out
+
+
+def load_adapter_into(dm: DeltaModel, path: str | os.PathLike, name: str | None = None, *,
+                      trainable: bool = False, allow_pickle: bool = False) -> str:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: adapter folder not found")
+    name = name or "default"
+    if name in dm.configs:
+        raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+    cfg = read_config(folder)
+    state = read_weights(folder, allow_pickle)
+    try:
+        dm.add(cfg, name, trainable=trainable, state=state)
+    except (KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise AdapterFileError(f"{folder}: does not fit this model: {msg}") from None
+    return name

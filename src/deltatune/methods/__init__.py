@@ -1,0 +1,3 @@
+"""Built-in methods, one file per family. Importing this package registers them all."""
+
+from . import lora  # noqa: F401
