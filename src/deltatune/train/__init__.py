@@ -1,0 +1,1 @@
+"""Training: data loading, the training loop, checkpoints, evaluation and plots."""
