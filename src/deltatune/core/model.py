@@ -298,8 +298,14 @@ class DeltaModel(nn.Module):
             self._release()
 
     # -- counting, saving ----------------------------------------------------------------------
-    def num_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; shared parameters are counted once."""
+    def num_parameters(self, **hf_kwargs) -> tuple[int, int] | int:
+        """(trainable, total) parameter counts; shared parameters are counted once.
+
+        Called with transformers' keyword arguments (``only_trainable``, ``exclude_embeddings``, as its
+        Trainer does), it answers as the wrapped model's ``num_parameters`` would: one int.
+        """
+        if hf_kwargs:
+            return self.model.num_parameters(**hf_kwargs)
         params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
@@ -314,7 +320,7 @@ class DeltaModel(nn.Module):
         save_adapters(self, path, names)
 
     def load(self, path, name: str | None = None, *, trainable: bool = False, allow_pickle: bool = False) -> str:
-        """Load a saved adapter under ``name`` (default: its folder's adapter name); returns the name."""
+        """Load a saved adapter under ``name`` (default ``"default"``); returns the name."""
         from ..io.adapter import load_adapter_into
 
         return load_adapter_into(self, path, name, trainable=trainable, allow_pickle=allow_pickle)

@@ -44,16 +44,27 @@ class AdapterFileError(ValueError):
 # -- writing -------------------------------------------------------------------------------------
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through ``write(tmp)`` then rename over ``path``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    atomic_write_all({path: write})
+
+
+def atomic_write_all(files: dict[Path, Callable[[Path], None]]) -> None:
+    """Write every file to a temporary name first, then rename them all into place.
+
+    If any write fails, no file is replaced: the previous versions stay intact and no temp file remains.
+    """
+    tmps = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in files}
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmps[path])
+            with open(tmps[path], "rb+") as f:
+                os.fsync(f.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in tmps.values():
+            if tmp.exists():
+                tmp.unlink()
 
 
 def exact_targets(model, paths: list[str]) -> str | list[str]:
@@ -91,9 +102,9 @@ def save_adapter(dm: DeltaModel, name: str, folder: Path) -> None:
                            "config": saved.to_dict()}
     tensors = {f"{PREFIX}{p}.{k}": t.detach().to("cpu").contiguous()
                for p, d in deltas.items() for k, t in d.export_state().items()}
-    atomic_write(folder / WEIGHTS_NAME, lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
-    atomic_write(folder / CONFIG_NAME, lambda f: f.write_text(text))
+    atomic_write_all({folder / WEIGHTS_NAME: lambda f: save_file(tensors, str(f), metadata={"format": "pt"}),
+                      folder / CONFIG_NAME: lambda f: f.write_text(text)})
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -109,7 +120,14 @@ def read_config(folder: Path) -> DeltaConfig:
     try:
         ours = data.get("deltatune")
         if isinstance(ours, dict) and "type" in ours:
-            return config_class(ours["type"]).from_dict(ours.get("config", {}))
+            if ours.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+                warnings.warn(f"{file}: written in format {ours['format']} by deltatune {ours.get('version')}; "
+                              f"this release reads format {FORMAT_VERSION} and may miss newer fields", stacklevel=3)
+            try:
+                cls = config_class(ours["type"])
+            except ValueError as e:
+                raise AdapterFileError(f"{file}: {e}") from None
+            return cls.from_dict(ours.get("config", {}))
         peft_type = data.get("peft_type")
         for name in available_methods():
             cls = config_class(name)
@@ -164,6 +182,9 @@ def load_adapter_into(dm: DeltaModel, path: str | os.PathLike, name: str | None 
         raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
     cfg = read_config(folder)
     state = read_weights(folder, allow_pickle)
+    if cfg.modules_to_save:  # PEFT lists candidates (e.g. "classifier", "score"); absent ones mean nothing
+        present = [m for m in cfg.modules_to_save if any(n and matches([m], n) for n, _ in iter_modules(dm.model))]
+        cfg = cfg.model_copy(update={"modules_to_save": present or None})
     try:
         dm.add(cfg, name, trainable=trainable, state=state)
     except (KeyError, ValueError) as e:

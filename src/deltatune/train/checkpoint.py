@@ -1,0 +1,96 @@
+"""Training checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically.
+
+A checkpoint is a folder ``checkpoints/step-N/``. It is assembled under a temporary name and renamed
+into place only when complete, with ``trainer_state.json`` written last, so a run killed at any moment
+leaves either a complete checkpoint or none. Nothing here is pickled: tensors go to safetensors,
+everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..io.adapter import atomic_write, save_adapter
+
+STATE_FILE = "trainer_state.json"
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(folder: Path, dm, adapter: str, opt, sched, trainer_state: dict[str, Any]) -> Path:
+    """Write checkpoint ``folder`` (e.g. .../checkpoints/step-50) atomically; returns it."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_adapter(dm, adapter, tmp)  # a loadable adapter, for users
+    raw = {f"{p}.{k}": v.detach().cpu().contiguous()  # exact training state (e.g. PiSSA unconverted)
+           for p, d in dm.deltas(adapter).items() for k, v in d.state_dict().items()}
+    save_file(raw, str(tmp / "delta_state.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    pystate = random.getstate()
+    extra = {"optimizer": opt_meta, "scheduler": sched.state_dict(),
+             "python_rng": [pystate[0], list(pystate[1]), pystate[2]]}
+    (tmp / "extra_state.json").write_text(json.dumps(extra))
+    atomic_write(tmp / STATE_FILE, lambda f: f.write_text(json.dumps(trainer_state, indent=2)))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``root`` (incomplete ones are ignored)."""
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
+    return max(done, key=lambda p: int(p.name[5:]), default=None)
+
+
+def load_checkpoint(folder: Path, dm, adapter: str, opt, sched) -> dict[str, Any]:
+    """Restore adapter weights, optimizer, scheduler and RNG in place; returns the trainer state."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    raw = load_file(str(folder / "delta_state.safetensors"))
+    for path, d in dm.deltas(adapter).items():
+        d.load_state_dict({k[len(path) + 1:]: v for k, v in raw.items() if k.startswith(path + ".")})
+    extra = json.loads((folder / "extra_state.json").read_text())
+    opt.load_state_dict(_unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), extra["optimizer"]))
+    sched.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
+    v, inner, gauss = extra["python_rng"]
+    random.setstate((v, tuple(inner), gauss))
+    return state
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    done = sorted((p for p in root.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    for p in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
