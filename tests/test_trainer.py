@@ -20,6 +20,7 @@ from deltatune.train.checkpoint import latest_checkpoint
 from deltatune.train.data import Collator, load_dataset
 from deltatune.train.run import load_run_config, run
 from deltatune.train.trainer import Callback, TrainConfig, Trainer, TrainingDiverged, causal_lm_loss
+from tiny_lm import make_tiny_lm_folder
 
 SENTENCES = [
     "the cat sat on the mat", "a dog ran in the park", "the sun is warm today", "birds sing in the morning",
@@ -29,21 +30,7 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
-    """A tiny random Llama saved as an HF folder, with SmolLM2's tokenizer (chat template included)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from deltatune.models import resolve_model_path
-
-    folder = tmp_path_factory.mktemp("tiny")
-    src, gguf = resolve_model_path("smollm2-135m")
-    tok = PreTrainedTokenizerFast.from_pretrained(src, gguf_file=gguf, local_files_only=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.3,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return make_tiny_lm_folder(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture()

@@ -33,6 +33,11 @@ class Delta(nn.Module):
     replaces_base: ClassVar[bool] = False
     frozen: tuple[str, ...] = ()  # parameter names that never train (e.g. LoRA-FA's A)
 
+    @property
+    def additive(self) -> bool:
+        """True when the effect adds to the output independently of other deltas (merging commutes)."""
+        return True
+
     def set_trainable(self, flag: bool) -> None:
         for n, p in self.named_parameters():
             p.requires_grad_(flag and n not in self.frozen)

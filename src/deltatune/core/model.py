@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import DeltaConfig
-from .delta import Delta, ModuleCopy
+from .delta import Delta, MergeError, ModuleCopy
 from .site import Site, SiteState
 from .targeting import select, select_saved
 
@@ -41,6 +41,7 @@ class DeltaModel(nn.Module):
         self.configs: dict[str, DeltaConfig] = {}
         self.trainable: dict[str, bool] = {}
         self._requires_grad: dict[str, bool] | None = None  # the base's flags, restored on unload
+        self.training = model.training
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -70,7 +71,7 @@ class DeltaModel(nn.Module):
     @contextlib.contextmanager
     def routing(self, adapters: list[str | None]) -> Iterator[None]:
         """Per-row adapters for every forward inside the block: row i uses ``adapters[i]``."""
-        if self.training:
+        if self.model.training:
             raise RuntimeError("per-row adapter routing is for inference; call .eval() first")
         unknown = sorted({a for a in adapters if a is not None and a not in self.configs})
         if unknown:
@@ -123,6 +124,7 @@ class DeltaModel(nn.Module):
             _OWNERS[self.model] = self
         for path, d in deltas.items():
             d.set_trainable(trainable)
+            d.train(self.model.training)
             self._site(path).deltas[name] = d
         self.configs[name] = cfg
         self.trainable[name] = trainable
@@ -140,9 +142,10 @@ class DeltaModel(nn.Module):
             if site is not None and any(d.replaces_base for d in site.deltas.values()):
                 raise ValueError(f"module {path!r} is saved in full by another adapter; it cannot also be adapted")
         for path in saved:
-            site = wrapped.get(path)
-            if site is not None and any(not d.replaces_base for d in site.deltas.values()):
-                raise ValueError(f"modules_to_save {path!r} is already adapted by another adapter")
+            inner = [w for w, site in wrapped.items() if (w == path or w.startswith(path + "."))
+                     and any(not d.replaces_base for d in site.deltas.values())]
+            if inner:
+                raise ValueError(f"modules_to_save {path!r} contains {inner[0]!r}, already adapted by another adapter")
         deltas: dict[str, Delta] = {}
         for path, m in sel.modules.items():
             deltas[path] = _place(cfg.make_delta(m, path), m, cfg.adapter_dtype)
@@ -156,6 +159,7 @@ class DeltaModel(nn.Module):
         if isinstance(child, Site):
             return child
         site = Site(child, self._state)
+        site.training = site.deltas.training = child.training
         parent._modules[attr] = site
         return site
 
@@ -232,9 +236,14 @@ class DeltaModel(nn.Module):
         if inactive:
             raise RuntimeError(f"adapter(s) {inactive} are not active; activate before merging")
         todo: dict[str, list[str]] = {}
+        tied = _tied_weights(self.model)
         for p, s in self.sites():
-            pending = [n for n in names if n in s.deltas and n not in s.merged]
+            pending = [n for n in names if n in s.deltas and n not in s.merged and not s.deltas[n].replaces_base]
             if pending:
+                w = getattr(s.base, "weight", None)
+                if w is not None and len(tied.get(id(w), ())) > 1:
+                    raise MergeError(f"{p}: its weight is shared with {sorted(set(tied[id(w)]) - {p})} (tied "
+                                     f"weights); merging would change those too. Untie them first, or keep it unmerged")
                 s.check_mergeable(pending, p)
                 todo[p] = pending
         if not todo:
@@ -324,6 +333,18 @@ class DeltaModel(nn.Module):
         from ..io.adapter import load_adapter_into
 
         return load_adapter_into(self, path, name, trainable=trainable, allow_pickle=allow_pickle)
+
+
+def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
+    """id(weight) -> the module paths holding it (several when weights are tied)."""
+    holders: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, Site):
+            continue
+        w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
+        if w is not None:
+            holders.setdefault(id(w), []).append(name[:-5] if name.endswith(".base") else name)
+    return holders
 
 
 def _by_module(state: dict[str, Tensor], deltas: dict[str, Delta]) -> dict[str, dict[str, Tensor]]:

@@ -98,6 +98,10 @@ class Site(nn.Module):
     def check_mergeable(self, names: list[str], where: str) -> None:
         """Raise before anything changes if merging ``names`` here would fail or give non-finite weights."""
         w = self.base.weight if hasattr(self.base, "weight") else None
+        together = [d for n, d in self.deltas.items() if (n in names or n in self.merged) and not d.replaces_base]
+        if len(together) > 1 and not all(d.additive for d in together):
+            raise MergeError(f"{where}: a non-additive delta (e.g. DoRA) cannot be merged together with other "
+                             f"adapters at the same module; merge one at a time with only it active")
         for n in names:
             d = self.deltas[n]
             if d.replaces_base:

@@ -92,7 +92,7 @@ class LoRAConfig(DeltaConfig):
         if isinstance(module, nn.Embedding):
             if self.use_dora or self.init == "pissa":
                 raise ValueError(f"{path}: DoRA and PiSSA are not supported on embeddings (use plain LoRA there)")
-            return LoRAEmbedding(module, self.rank(path), self.scaling(path), self.init)
+            return LoRAEmbedding(module, self.rank(path), self.scaling(path), self.init, self.freeze_a)
         if isinstance(module, _CONV) and module.groups != 1:
             raise ValueError(f"{path}: LoRA on grouped convolutions (groups={module.groups}) is not supported")
         if self.init == "pissa" and isinstance(module, _CONV):
@@ -169,7 +169,8 @@ class LoRA(Delta):
         self.fan_in_fan_out = not self.conv and not isinstance(base, nn.Linear)  # GPT-2 Conv1D
         if self.conv:
             conv = type(base)
-            self.lora_A = conv(in_f, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
+            self.lora_A = conv(in_f, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False,
+                               padding_mode=base.padding_mode)
             self.lora_B = conv(r, out_f, 1, bias=False)
         else:
             self.lora_A = nn.Linear(in_f, r, bias=False)
@@ -199,6 +200,10 @@ class LoRA(Delta):
         self.lora_B.weight.copy_(u[:, :r] * sr[None, :])
         self.register_buffer("pissa_A0", self.lora_A.weight.detach().clone(), persistent=False)
         self.register_buffer("pissa_B0", self.lora_B.weight.detach().clone(), persistent=False)
+
+    @property
+    def additive(self) -> bool:
+        return self.lora_magnitude_vector is None  # DoRA renormalises the whole weight
 
     # weights as (out, in[, k...]) regardless of how the base stores them
     def _weight(self, base: nn.Module) -> Tensor:
@@ -288,9 +293,10 @@ class LoRAEmbedding(Delta):
 
     mergeable = True
 
-    def __init__(self, base: nn.Embedding, r: int, scaling: float, init: str = "gaussian"):
+    def __init__(self, base: nn.Embedding, r: int, scaling: float, init: str = "gaussian", freeze_a: bool = False):
         super().__init__()
         self.scaling = scaling
+        self.frozen = ("lora_embedding_A",) if freeze_a else ()
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings))
         self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r))
         if init == "random":
