@@ -243,3 +243,18 @@ def test_real_smollm2_lora_loss_falls_in_20_steps():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for n, p in dm.named_parameters() if ".deltas." not in n)
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path, tiny_folder, data_files):
+    """Both options change how the step is computed, not what is learned: same first loss, still learning."""
+    losses = {}
+    for opts in ({}, {"gradient_checkpointing": True}, {"bf16": True}):
+        cfg = load_run_config(_write_run(tmp_path, tiny_folder, data_files["pc"], steps=15, **opts),
+                              [f"output={tmp_path / str(sorted(opts))}", "method.dropout=0.0"])
+        run(cfg, progress=False)
+        rows = [json.loads(x)["loss"] for x in (cfg.output / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1] < 0.9 * rows[0], opts
+        losses[str(sorted(opts))] = rows
+    plain, ckpt, bf16 = losses.values()
+    assert ckpt == pytest.approx(plain, abs=1e-4)  # checkpointing recomputes the same numbers
+    assert bf16[0] == pytest.approx(plain[0], rel=0.02) and bf16[0] != plain[0]  # bfloat16 really was used
