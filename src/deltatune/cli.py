@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="deltatune: train, inspect, merge and use parameter-efficient deltas.")
@@ -14,7 +16,7 @@ console = Console(stderr=True)
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}")
+    console.print(f"[red]error:[/red] {escape(str(e))}")
     raise typer.Exit(2)
 
 
@@ -113,8 +115,10 @@ def inspect(
     from . import inspect as dt_inspect
     from .models import load_pretrained
 
-    def spec(s):
-        return [x.strip() for x in s.split(",")] if s and "," in s else s
+    def spec(s):  # a comma list or a plain name means names/suffixes; anything else is a regex
+        if s is None or s == "all-linear":
+            return s
+        return [x.strip() for x in s.split(",")] if "," in s or re.fullmatch(r"[\w.\-]+", s) else s
 
     try:
         m, _ = load_pretrained(model)

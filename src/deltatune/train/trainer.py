@@ -201,8 +201,10 @@ class Trainer:
             ckpt = latest_checkpoint(self.ckpt_root)
             if ckpt is not None:
                 state = load_checkpoint(ckpt, self.dm, self.adapter, self.opt, self.sched)
-        elif self.metrics_file.exists():
-            self.metrics_file.unlink()
+                # the schedule may be longer now (more steps): continue on it, not at the old end's lr
+                for g, base, fn in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
+                    g["lr"] = base * fn(self.sched.last_epoch)
+        self._keep_metrics_upto(state["step"])  # steps after the checkpoint are re-run and re-logged
         if cfg.gradient_checkpointing:
             self._enable_checkpointing()
         self.dm.train()
@@ -231,13 +233,14 @@ class Trainer:
                 grad_norm = None
                 if cfg.max_grad_norm:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                lr = self.opt.param_groups[0]["lr"]
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
                 state.update(step=step, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens,
                              seconds=time.perf_counter() - t0)
                 losses.append(step_loss)
-                metrics = {"step": step, "loss": step_loss, "lr": self.sched.get_last_lr()[0],
+                metrics = {"step": step, "loss": step_loss, "lr": lr,
                            "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9)}
                 if grad_norm is not None:
                     metrics["grad_norm"] = grad_norm
@@ -267,6 +270,12 @@ class Trainer:
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def _keep_metrics_upto(self, step: int) -> None:
+        if not self.metrics_file.exists():
+            return
+        rows = [x for x in self.metrics_file.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+        self.metrics_file.write_text("".join(x + "\n" for x in rows))
+
     def _log(self, metrics: dict[str, Any]) -> None:
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -284,10 +293,12 @@ class _Progress:
     def __init__(self, total: int, start: int, enabled: bool):
         self.enabled = enabled
         if enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                console=Console(stderr=True))  # stdout stays for results
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
 
     def __enter__(self) -> _Progress:
