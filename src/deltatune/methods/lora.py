@@ -231,12 +231,26 @@ class LoRA(Delta):
         xd = x if x.dtype == dt else x.to(dt)
         if self.dropout is not None:
             xd = self.dropout(xd)
+        if not (self.conv or self.pissa or self.lora_magnitude_vector is not None) and y.dtype == dt:
+            return self._fused(xd, y)
         h = self.lora_B(self.lora_A(xd))
         if self.pissa:
             h = h - F.linear(F.linear(xd, self.pissa_A0), self.pissa_B0)
         if self.lora_magnitude_vector is None:
             return torch.add(y, h.to(y.dtype), alpha=self.scaling)
         return self._dora(xd, y, h, base)
+
+    def _fused(self, xd: Tensor, y: Tensor) -> Tensor:
+        """``y + s B (A x)`` with the add fused into the second GEMM (one kernel, no temporary).
+
+        In inference the Site's fresh output ``y`` is accumulated in place; under autograd out of place.
+        """
+        h = F.linear(xd, self.lora_A.weight).reshape(-1, self.lora_A.weight.shape[0])  # (tokens, r)
+        bt = self.lora_B.weight.t()  # (r, out)
+        if not torch.is_grad_enabled() and y.is_contiguous():
+            y.view(-1, y.shape[-1]).addmm_(h, bt, alpha=self.scaling)
+            return y
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h, bt, alpha=self.scaling).view(y.shape)
 
     def _dora(self, xd: Tensor, y: Tensor, h: Tensor, base: nn.Module) -> Tensor:
         w = self._weight(base)
