@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..core.model import DeltaModel
 from ..io.adapter import save_adapter
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .loss import linear_cross_entropy
 
 
 class TrainConfig(BaseModel):
@@ -109,8 +110,9 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     targets = labels[:, 1:]
     keep = targets != -100
     h = hidden[:, :-1][keep]
-    logits = head(h).float()
-    return F.cross_entropy(logits, targets[keep])
+    if type(head) is torch.nn.Linear:
+        return linear_cross_entropy(h, head.weight, head.bias, targets[keep])
+    return F.cross_entropy(head(h).float(), targets[keep])
 
 
 @torch.no_grad()
