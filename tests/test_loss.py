@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from deltatune.train.loss import linear_cross_entropy
 
 
