@@ -1,8 +1,10 @@
 """The methods the conformance suite runs, one ``Case`` per method variant.
 
-Adding a method to the suite means adding entries here, nothing else: a config factory, the model kinds
-(see ``conftest.KINDS``) it applies to, and what the method promises (mergeable? additive? tolerances),
-plus an independent parameter count per adapted module.
+Adding a method to the suite means adding ``Case`` entries, nothing else: a config factory, the model
+kinds (see ``conftest.KINDS``) it applies to, and what the method promises (mergeable? additive?
+tolerances), plus an independent parameter count per adapted module. LoRA's cases live here; every other
+method family keeps its cases in its own ``tests/cases_<family>.py`` (a module-level ``CASES`` list),
+collected below in name order.
 """
 
 from __future__ import annotations
@@ -103,3 +105,22 @@ CASES: list[Case] = [
     Case("lora-modules-to-save", lora(modules_to_save=["classifier"]), ("bert",), lora_count,
          lora_random(modules_to_save=["classifier"])),
 ]
+
+
+def _collect() -> None:
+    import importlib
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    if str(here) not in sys.path:
+        sys.path.insert(0, str(here))
+    for f in sorted(here.glob("cases_*.py")):
+        CASES.extend(importlib.import_module(f.stem).CASES)
+    ids = [c.id for c in CASES]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"duplicate case ids: {dup}")
+
+
+_collect()
