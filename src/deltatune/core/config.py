@@ -89,6 +89,11 @@ class DeltaConfig(BaseModel):
     def from_peft(cls, data: dict[str, Any]) -> DeltaConfig:
         raise NotImplementedError(f"{cls.__name__} cannot read PEFT-format configs")
 
+    def training_callbacks(self, dm: Any, name: str) -> list[Any]:
+        """Trainer callbacks (``deltatune.train.trainer.Callback``) this method needs while adapter ``name``
+        trains, e.g. a rank-budget schedule or a regulariser. Most methods need none."""
+        return []
+
     def saved_config(self) -> DeltaConfig:
         """The config that describes the *saved* files (a method may save in a converted form)."""
         return self

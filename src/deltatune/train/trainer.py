@@ -62,6 +62,10 @@ class Callback:
 
     def on_train_begin(self, trainer: Trainer) -> None: ...
     def on_after_backward(self, trainer: Trainer, step: int) -> None: ...
+    def extra_loss(self, trainer: Trainer, step: int) -> torch.Tensor | None:
+        """A term added to the training loss of this step (e.g. AdaLoRA's orthogonality regulariser)."""
+        return None
+
     def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None: ...
     def on_evaluate(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -156,7 +160,8 @@ class Trainer:
         self.task = task
         self.adapter = adapter or dm.active[0]
         self.collate = collate
-        self.callbacks = list(callbacks)
+        # a method may drive part of its training itself (AdaLoRA's rank budget): its config supplies callbacks
+        self.callbacks = list(callbacks) + list(dm.configs[self.adapter].training_callbacks(dm, self.adapter))
         self.progress = progress
         self.params = [p for p in dm.parameters() if p.requires_grad]
         if not self.params:
@@ -227,7 +232,8 @@ class Trainer:
                             f"loss is {float(loss.detach())} at step {step}; stopped. The last good checkpoint is kept in "
                             f"{latest_checkpoint(self.ckpt_root) or '(none yet)'}; try a lower lr or max_grad_norm."
                         )
-                    (loss / cfg.grad_accum).backward()
+                    extra = [t for cb in self.callbacks if (t := cb.extra_loss(self, step)) is not None]
+                    ((loss + sum(extra)) / cfg.grad_accum if extra else loss / cfg.grad_accum).backward()
                     step_loss += float(loss.detach()) / cfg.grad_accum
                     step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
                 for cb in self.callbacks:
