@@ -92,6 +92,8 @@ CASES: list[Case] = [
     Case("lora", lora(), ("mlp", *TRANSFORMERS), lora_count, lora_random()),
     Case("lora-dora", lora(use_dora=True), ("mlp", "conv", "llama", "gpt2"), lora_count,
          lora_random(use_dora=True), additive=False),
+    Case("dora", lambda: dt.config("dora", r=4, alpha=8), ("mlp", "llama"), lora_count,
+         lambda: dt.config("dora", r=4, alpha=8, init="random"), additive=False),
     Case("lora-rslora", lora(use_rslora=True), ("mlp", "llama"), lora_count, lora_random(use_rslora=True)),
     # PiSSA saves as a rank-2r plain LoRA (the PEFT conversion): the same function, other rounding
     Case("lora-pissa", lora(init="pissa"), ("mlp", "llama", "gpt2"), lora_count, None, load_atol=1e-5),

@@ -152,6 +152,19 @@ def _out_in(module: nn.Module) -> tuple[int, int]:
     return module.weight.shape[1], module.weight.shape[0]  # GPT-2 Conv1D: weight (in, out)
 
 
+@register
+class DoRAConfig(LoRAConfig):
+    """DoRA (Liu et al. 2024) under its own registry name: ``dt.config("dora")`` is LoRA with ``use_dora=True``.
+
+    Saved in the PEFT format as a LoRA with ``use_dora: true``; PEFT-format LoRA files read back as
+    :class:`LoRAConfig` (this class does not claim PEFT's ``LORA`` type).
+    """
+
+    type: ClassVar[str] = "dora"
+    peft_type: ClassVar[str | None] = None
+    use_dora: bool = True
+
+
 class LoRA(Delta):
     """``y + s * B(A(dropout(x)))`` on a linear or convolutional site (DoRA, PiSSA options; see module doc).
 
