@@ -21,8 +21,12 @@ from .methods.lora import LoRAConfig
 __version__ = "0.1.0"
 
 
-def attach(model: nn.Module, cfg: DeltaConfig, name: str = "default", *, trainable: bool = True) -> DeltaModel:
+def attach(model: nn.Module, cfg: DeltaConfig | list[DeltaConfig], name: str = "default", *,
+           trainable: bool = True) -> DeltaModel:
     """Attach a delta to ``model`` (base weights frozen) and return the DeltaModel that holds it.
+
+    A list of configs attaches as ONE adapter, a union of methods (e.g. MAM: prefix tuning + a
+    parallel adapter): it activates, merges, saves and deletes as one.
 
     If ``model`` already has adapters, the new one is added to its existing DeltaModel.
     """

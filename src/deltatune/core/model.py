@@ -97,7 +97,7 @@ class DeltaModel(nn.Module):
     # -- adapters ------------------------------------------------------------------------------
     def add(
         self,
-        cfg: DeltaConfig,
+        cfg: DeltaConfig | list[DeltaConfig],
         name: str = "default",
         *,
         trainable: bool = True,
@@ -106,7 +106,12 @@ class DeltaModel(nn.Module):
         """Attach a new adapter. ``state`` (``<module path>.<param>`` -> tensor) loads saved weights into it.
 
         The first adapter becomes active; later ones are activated with :meth:`activate`.
+        ``cfg`` may be a list of configs: they attach as ONE adapter (a union, ``methods/union.py``).
         """
+        if isinstance(cfg, (list, tuple)):
+            from .registry import config
+
+            cfg = config("union", members=list(cfg))
         if not isinstance(cfg, DeltaConfig):
             raise TypeError(f"expected a method config (e.g. LoRAConfig), got {type(cfg).__name__}")
         if not _NAME.match(name):
@@ -134,6 +139,9 @@ class DeltaModel(nn.Module):
         return self
 
     def _build(self, cfg: DeltaConfig) -> dict[str, Delta]:
+        build_members = getattr(cfg, "build_members", None)
+        if build_members is not None:  # a union: every member builds here, then the union composes them
+            return build_members(self._build)
         sel = select(self.model, cfg, cfg.supports, cfg.default_targets)
         saved = select_saved(self.model, cfg.modules_to_save) if cfg.modules_to_save else {}
         wrapped = dict(self.sites())
@@ -147,8 +155,10 @@ class DeltaModel(nn.Module):
             if inner:
                 raise ValueError(f"modules_to_save {path!r} contains {inner[0]!r}, already adapted by another adapter")
         deltas: dict[str, Delta] = {}
+        make_deltas = getattr(cfg, "make_deltas", None)  # a method whose deltas at several sites work together
+        made = make_deltas(sel.modules) if make_deltas else {p: cfg.make_delta(m, p) for p, m in sel.modules.items()}
         for path, m in sel.modules.items():
-            deltas[path] = _place(cfg.make_delta(m, path), m, cfg.adapter_dtype)
+            deltas[path] = _place(made[path], m, cfg.adapter_dtype)
         for path, m in saved.items():
             deltas[path] = ModuleCopy(m)
         return deltas
