@@ -22,8 +22,11 @@ Training (paper section 3) adds two things, both driven by :class:`RankAllocator
   ``total_step - tfinal`` the final mask is fixed and re-applied after every later step.
 
 With deltatune's :class:`~deltatune.train.trainer.Trainer` none of this needs user code: the config's
-``training_callbacks`` plugs a :class:`AdaLoRACallback` in (importance after backward, masking after the
-optimizer step, the regulariser as an extra loss term; ``total_step`` defaults to the run's steps). In an
+``training_callbacks`` plugs a :class:`AdaLoRACallback` in (importance and masking after the optimizer
+step, as PEFT's loop does, the regulariser as an extra loss term; ``total_step`` defaults to the run's
+steps). As in PEFT, the sensitivity uses the weights after the optimizer step with the step's gradient
+(with the pre-step weights, lambda = 0 at init would score every triplet 0 at step 1 and, with
+``tinit=0``, mask all of them for good). In an
 own loop, use the allocator as PEFT's ``update_and_allocate``::
 
     alloc = RankAllocator(dm, "default", total_step=1000)
@@ -323,22 +326,30 @@ class RankAllocator:
         return self.cfg.orth_reg_weight * r
 
     @torch.no_grad()
-    def update_importance(self, step: int | None = None) -> None:
-        """EMA of sensitivity |w * grad| and of its uncertainty, for every entry of P, lambda, Q."""
+    def update_importance(self, step: int | None = None, grads: dict[tuple[str, str], Tensor | None] | None = None) -> None:
+        """EMA of the sensitivity |w * grad| and of its uncertainty, for every entry of P, lambda, Q.
+
+        As PEFT (and so that lambda = 0 at init does not score every triplet 0): w is the weight after the
+        optimizer step, grad the step's gradient (``p.grad``, or ``grads[(module path, param name)]``).
+        """
         if step is not None and step >= self.cfg.total_step - self.cfg.tfinal:
             return  # the final phase only keeps the fixed mask
         b1, b2 = self.cfg.beta1, self.cfg.beta2
         for path, d in self.deltas.items():
             for pname in ("lora_A", "lora_E", "lora_B"):
                 p = getattr(d, pname)
-                g = p.grad
-                now = (p.float() * g.float()).abs() if g is not None else torch.zeros_like(p, dtype=torch.float32)
                 key = (path, pname)
+                g = grads.get(key) if grads is not None else p.grad
+                now = (p.float() * g.float()).abs() if g is not None else torch.zeros_like(p, dtype=torch.float32)
                 ipt = self.ipt.get(key, torch.zeros_like(now))
                 unc = self.unc.get(key, torch.zeros_like(now))
                 ipt = b1 * ipt + (1 - b1) * now
                 self.unc[key] = b2 * unc + (1 - b2) * (now - ipt).abs()
                 self.ipt[key] = ipt
+
+    def gradients(self) -> dict[tuple[str, str], Tensor | None]:
+        """The current gradients of P, lambda, Q (references), for a later :meth:`update_importance`."""
+        return {(p, n): getattr(d, n).grad for p, d in self.deltas.items() for n in ("lora_A", "lora_E", "lora_B")}
 
     def triplet_scores(self) -> dict[str, Tensor]:
         """S_i = s(lambda_i) + mean_j s(Q_ij) + mean_j s(P_ji) per module, shape (r,)."""
@@ -384,12 +395,15 @@ class RankAllocator:
             if c.tinit < step and step % c.deltaT == 0:
                 self.mask_to_budget(budget)
             return budget
-        if step == end or not self.final_fixed:  # the final mask, fixed from here on
+        if step == end or (not self.final_fixed and self.ipt):  # the final mask, fixed from here on
             self.mask_to_budget(self.target_bgt)
-            self.final_fixed = True
             self.reset_importance()
+        elif not self.final_fixed:  # resumed past the final mask: the masks restored with the weights stand
+            self._apply_masks()
+            self._write_pattern()
         else:
             self._apply_masks()
+        self.final_fixed = True
         return self.target_bgt
 
     def update_and_allocate(self, step: int) -> int:
@@ -403,13 +417,15 @@ class RankAllocator:
 
 
 class AdaLoRACallback(Callback):
-    """Drives :class:`RankAllocator` from deltatune's Trainer: importance after backward (the step's
-    gradients, the weights they were taken at), masking after the optimizer step (the paper's eq. 8: the
-    stepped lambda is masked), ``orth_reg_weight * R`` added to every micro-batch's loss."""
+    """Drives :class:`RankAllocator` from deltatune's Trainer exactly where PEFT's loop calls
+    ``update_and_allocate``: after the optimizer step (importance from the stepped weights and the step's
+    gradients, kept from after backward since the Trainer drops them at ``zero_grad``), then masking (the
+    paper's eq. 8: the stepped lambda is masked). ``orth_reg_weight * R`` is added to every micro-batch's loss."""
 
     def __init__(self, dm: Any, name: str):
         self.dm, self.name = dm, name
         self.allocator: RankAllocator | None = None
+        self._grads: dict[tuple[str, str], Tensor | None] | None = None
 
     def on_train_begin(self, trainer: Any) -> None:
         cfg = self.dm.configs[self.name]
@@ -418,6 +434,7 @@ class AdaLoRACallback(Callback):
             warnings.warn(f"AdaLoRA adapter {self.name!r}: total_step={cfg.total_step} but the run has "
                           f"{trainer.cfg.steps} steps; the budget schedule follows total_step", stacklevel=2)
         self.allocator = RankAllocator(self.dm, self.name, total_step=total)
+        self.dm.configs[self.name] = cfg.model_copy(update={"total_step": total})  # saved with the adapter
 
     def extra_loss(self, trainer: Any, step: int) -> Tensor | None:
         if self.allocator is None or self.allocator.cfg.orth_reg_weight == 0:
@@ -425,7 +442,9 @@ class AdaLoRACallback(Callback):
         return self.allocator.regularizer()
 
     def on_after_backward(self, trainer: Any, step: int) -> None:
-        self.allocator.update_importance(step)
+        self._grads = self.allocator.gradients()  # references: clipping then applies to them, as in PEFT's loop
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
+        self.allocator.update_importance(step, self._grads)
+        self._grads = None
         metrics["adalora_budget"] = self.allocator.allocate(step)
