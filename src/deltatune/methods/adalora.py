@@ -1,0 +1,450 @@
+"""AdaLoRA (Zhang et al. 2023): LoRA in SVD form with an importance-driven rank budget.
+
+    y = W x + s * P diag(lambda) Q dropout(x),    s = alpha / (ranknum + 1e-5)
+
+P (out, r) = ``lora_B``, lambda (r, 1) = ``lora_E``, Q (r, in) = ``lora_A`` (PEFT's names and shapes);
+``ranknum`` is the initial rank ``init_r`` and stays so when triplets are pruned, so pruning never rescales
+what is left (PEFT's convention, including its ``+ 1e-5``). lambda = 0 at init, so the adapted model
+starts as the base; P and Q start N(0, 0.02) as in PEFT.
+
+Training (paper section 3) adds two things, both driven by :class:`RankAllocator`:
+
+- the orthogonality regulariser ``R = sum_modules ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2`` (paper eq. 4),
+  weighted by ``orth_reg_weight``. ``orth_reg_form="peft"`` uses the authors' code / PEFT form instead:
+  the mean over all P and Q matrices of the (unsquared) Frobenius norms.
+- the rank budget: the sensitivity ``I = |w * grad w|`` of every entry of P, lambda, Q is smoothed by an
+  EMA (``beta1``) and its uncertainty ``U = |I - Ibar|`` by another (``beta2``), ``s = Ibar * Ubar``; a
+  triplet's importance is ``S_i = s(lambda_i) + mean_j s(P_ji) + mean_j s(Q_ij)`` (eq. 9). The total
+  budget follows the cubic schedule ``b(t) = b_T + (b_0 - b_T) (1 - (t - t_i) / (T - t_i - t_f))^3``
+  between ``tinit`` and ``total_step - tfinal`` (b_0 before, b_T after; b_0 = init_r x modules,
+  b_T = target_r x modules); every ``deltaT`` steps the lambdas of all but the ``b(t)`` most important
+  triplets are set to zero (the singular vectors stay, so a triplet can come back). At
+  ``total_step - tfinal`` the final mask is fixed and re-applied after every later step.
+
+With deltatune's :class:`~deltatune.train.trainer.Trainer` none of this needs user code: the config's
+``training_callbacks`` plugs a :class:`AdaLoRACallback` in (importance and masking after the optimizer
+step, as PEFT's loop does, the regulariser as an extra loss term; ``total_step`` defaults to the run's
+steps). As in PEFT, the sensitivity uses the weights after the optimizer step with the step's gradient
+(with the pre-step weights, lambda = 0 at init would score every triplet 0 at step 1 and, with
+``tinit=0``, mask all of them for good). In an
+own loop, use the allocator as PEFT's ``update_and_allocate``::
+
+    alloc = RankAllocator(dm, "default", total_step=1000)
+    loss = task_loss + alloc.regularizer()
+    loss.backward(); opt.step()
+    alloc.update_and_allocate(step)   # after opt.step(), before opt.zero_grad(); step counts from 1
+    opt.zero_grad()
+
+Files are PEFT's (``peft_type="ADALORA"``): once a mask exists, the config's ``rank_pattern`` (module
+path + ``.lora_E`` -> which of the ``init_r`` triplets are kept) is saved and the tensors hold only the kept
+triplets; loading builds each module at its kept rank with the original ``ranknum``. ``ranknum`` is not
+saved (PEFT stopped saving it); older files that carry it load.
+
+Sites: ``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv2d`` (Q holds the kernel: (r, in * kh * kw)).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from ..core.config import DeltaConfig
+from ..core.delta import Delta
+from ..core.registry import register
+from ..core.targeting import is_linear
+from ..train.trainer import Callback
+
+EPS = 1e-5  # PEFT divides by ranknum + 1e-5
+
+
+@register
+class AdaLoRAConfig(DeltaConfig):
+    """AdaLoRA. ``init_r`` starting rank per module, ``target_r`` average final rank, ``alpha`` scale numerator.
+
+    Schedule: ``tinit`` warm-up steps at full budget, ``tfinal`` final steps at the fixed final mask,
+    ``deltaT`` steps between maskings, ``total_step`` the run's length (``None``: the Trainer's steps).
+    Importance EMAs ``beta1`` (sensitivity), ``beta2`` (uncertainty). ``rank_pattern`` is written by the
+    allocator (which triplets each module keeps); a loaded adapter is built from it.
+    ``init="random"`` (tests): a non-identity start (lambda ~ N(0, 1), P and Q as LoRA's random init).
+    """
+
+    type: ClassVar[str] = "adalora"
+    peft_type: ClassVar[str] = "ADALORA"
+
+    init_r: int = Field(12, gt=0)
+    target_r: int = Field(8, ge=0)
+    alpha: float = Field(8.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tinit: int = Field(0, ge=0)
+    tfinal: int = Field(0, ge=0)
+    deltaT: int = Field(1, gt=0)
+    beta1: float = Field(0.85, gt=0.0, lt=1.0)
+    beta2: float = Field(0.85, gt=0.0, lt=1.0)
+    orth_reg_weight: float = Field(0.5, ge=0.0)
+    orth_reg_form: Literal["paper", "peft"] = "paper"
+    total_step: int | None = Field(None, gt=0)
+    rank_pattern: dict[str, list[bool]] | None = None
+    init: Literal["svd", "random"] = "svd"
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaLoRAConfig:
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(f"tinit ({self.tinit}) must be < total_step - tfinal ({self.total_step} - {self.tfinal}): "
+                             f"the schedule leaves no budgeting phase")
+        for k, v in (self.rank_pattern or {}).items():
+            if not k.endswith(".lora_E"):
+                raise ValueError(f"rank_pattern key {k!r} must be '<module path>.lora_E'")
+            if len(v) != self.init_r:
+                raise ValueError(f"rank_pattern[{k!r}] has {len(v)} entries, but init_r is {self.init_r}")
+        return self
+
+    def supports(self, module: nn.Module) -> bool:
+        return is_linear(module) or isinstance(module, nn.Conv2d)
+
+    def make_delta(self, module: nn.Module, path: str) -> Delta:
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise ValueError(f"{path}: AdaLoRA on grouped convolutions (groups={module.groups}) is not supported")
+        pattern = (self.rank_pattern or {}).get(f"{path}.lora_E")
+        return AdaLoRA(module, self.init_r, self.alpha, self.dropout, self.init, pattern)
+
+    def training_callbacks(self, dm: Any, name: str) -> list[Any]:
+        return [AdaLoRACallback(dm, name)]
+
+    # -- PEFT format ---------------------------------------------------------------------------
+    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
+        total = self.total_step if self.total_step is not None else self.tinit + self.tfinal + 1  # PEFT needs one
+        return {
+            "peft_type": "ADALORA", "task_type": None, "r": 8, "init_r": self.init_r, "target_r": self.target_r,
+            "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": target_modules,
+            "exclude_modules": None, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
+            "use_dora": False, "modules_to_save": self.modules_to_save, "init_lora_weights": True,
+            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": self.rank_pattern,
+            "alpha_pattern": {}, "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT,
+            "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
+            "total_step": total, "inference_mode": True, "base_model_name_or_path": None, "revision": None,
+        }
+
+    @classmethod
+    def from_peft(cls, d: dict[str, Any]) -> AdaLoRAConfig:
+        if d.get("bias", "none") != "none":
+            raise ValueError(f"AdaLoRA with bias={d['bias']!r} (trained biases) is not supported; only bias='none'")
+        if d.get("rank_pattern") and not all(isinstance(v, list) for v in d["rank_pattern"].values()):
+            raise ValueError("AdaLoRA rank_pattern values must be lists of booleans (one per initial triplet)")
+        init_r = d.get("init_r", 12)
+        alpha = d.get("lora_alpha", 8) or init_r  # PEFT: alpha 0 means alpha = r
+        pattern = None
+        if d.get("rank_pattern"):
+            pattern = {}
+            for k, v in d["rank_pattern"].items():  # "<path>.lora_E", or with the adapter name still attached
+                path = k[: -len(".lora_E")] if k.endswith(".lora_E") else k.split(".lora_E.")[0]
+                pattern[f"{path}.lora_E"] = [bool(x) for x in v]
+        layers = d.get("layers_to_transform")
+        lp = d.get("layers_pattern")
+        targets = d.get("target_modules")
+        total = d.get("total_step")
+        return cls(
+            init_r=init_r, target_r=d.get("target_r", 8), alpha=alpha, dropout=d.get("lora_dropout", 0.0) or 0.0,
+            tinit=d.get("tinit", 0), tfinal=d.get("tfinal", 0), deltaT=d.get("deltaT", 1),
+            beta1=d.get("beta1", 0.85), beta2=d.get("beta2", 0.85), orth_reg_weight=d.get("orth_reg_weight", 0.5),
+            total_step=total if total and d.get("tinit", 0) < total - d.get("tfinal", 0) else None,
+            rank_pattern=pattern, targets=sorted(targets) if isinstance(targets, (list, set)) else targets,
+            exclude=d.get("exclude_modules") or None,
+            layers=[layers] if isinstance(layers, int) else layers,
+            layers_pattern=lp[0] if isinstance(lp, list) else lp,
+            modules_to_save=d.get("modules_to_save") or None,
+        )
+
+
+class AdaLoRA(Delta):
+    """``y + s * P diag(lambda) Q dropout(x)`` (see the module doc).
+
+    Parameters (PEFT names): ``lora_A`` = Q (r, in[*kh*kw]), ``lora_E`` = lambda (r, 1), ``lora_B`` = P (out, r).
+    ``keep`` (bool, r): which triplets the last mask kept (what is saved); ``held`` (bool, init_r): which of
+    the ``init_r`` triplets this delta holds (all, unless built from a saved ``rank_pattern``).
+    """
+
+    mergeable = True
+
+    def __init__(self, base: nn.Module, init_r: int, alpha: float, dropout: float = 0.0, init: str = "svd",
+                 pattern: list[bool] | None = None):
+        super().__init__()
+        self.conv = isinstance(base, nn.Conv2d)
+        self.fan_in_fan_out = not self.conv and not isinstance(base, nn.Linear)  # GPT-2 Conv1D: weight (in, out)
+        if self.conv:
+            out_f, in_f = base.out_channels, base.in_channels * math.prod(base.kernel_size)
+        elif isinstance(base, nn.Linear):
+            out_f, in_f = base.out_features, base.in_features
+        else:
+            in_f, out_f = base.weight.shape
+        self.init_r = init_r
+        self.ranknum = float(init_r)
+        self.scaling = alpha / (self.ranknum + EPS)
+        held = torch.tensor(pattern if pattern is not None else [True] * init_r, dtype=torch.bool)
+        r = int(held.sum())
+        self.register_buffer("held", held, persistent=False)
+        self.register_buffer("keep", torch.ones(r, dtype=torch.bool))
+        self.lora_A = nn.Parameter(torch.empty(r, in_f))
+        self.lora_E = nn.Parameter(torch.zeros(r, 1))
+        self.lora_B = nn.Parameter(torch.empty(out_f, r))
+        with torch.no_grad():
+            if init == "random":  # as LoRA's random init (uniform, 1/sqrt(fan_in)), lambda ~ N(0, 1)
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+                nn.init.normal_(self.lora_E)
+            else:
+                nn.init.normal_(self.lora_A, std=0.02)
+                nn.init.normal_(self.lora_B, std=0.02)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def pattern(self) -> list[bool]:
+        """Which of the ``init_r`` triplets are kept (the ``rank_pattern`` entry of this module)."""
+        out = self.held.clone()
+        out[self.held] = self.keep.to(out.device)
+        return out.tolist()
+
+    def _dw(self) -> Tensor:
+        """s * P diag(lambda) Q in float32, as (out, in) (or (out, in*k) for convolutions)."""
+        return (self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float())) * self.scaling
+
+    def forward(self, x: Tensor, y: Tensor, base: nn.Module) -> Tensor:
+        dt = self.lora_A.dtype
+        xd = x if x.dtype == dt else x.to(dt)
+        if self.dropout is not None:
+            xd = self.dropout(xd)
+        if self.conv:
+            dw = (self.lora_B @ (self.lora_A * self.lora_E)).view(base.weight.shape)
+            h = base._conv_forward(xd, dw, None)
+        else:
+            h = F.linear(F.linear(xd, self.lora_A * self.lora_E), self.lora_B)
+        return y + (h * self.scaling).to(y.dtype)
+
+    def delta_weight(self, base: nn.Module) -> Tensor:
+        dw = self._dw()
+        if self.conv:
+            return dw.view(base.weight.shape)
+        return dw.T if self.fan_in_fan_out else dw
+
+    # -- file format: only the kept triplets -----------------------------------------------------
+    def export_state(self) -> dict[str, Tensor]:
+        k = self.keep
+        return {"lora_A": self.lora_A.detach()[k], "lora_B": self.lora_B.detach()[:, k], "lora_E": self.lora_E.detach()[k]}
+
+    def import_state(self, state: dict[str, Tensor], where: str) -> None:
+        state = dict(state)
+        ranknum = state.pop("ranknum", None)  # older PEFT files carry it; it is init_r by construction
+        if ranknum is not None and abs(float(ranknum.reshape(-1)[0]) - self.ranknum) > 1e-3:
+            raise ValueError(f"{where}.ranknum: the file says {float(ranknum.reshape(-1)[0])}, but init_r is "
+                             f"{self.init_r}; a ranknum other than init_r is not supported")
+        own = {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+        for k, t in state.items():
+            if tuple(t.shape) != tuple(own[k].shape):
+                raise ValueError(f"{where}.{k}: shape {tuple(t.shape)} in the file, but the model needs "
+                                 f"{tuple(own[k].shape)} (init_r / rank_pattern / module shape differ)")
+        with torch.no_grad():
+            for k, t in state.items():
+                own[k].copy_(t.to(own[k].dtype))
+        self.keep.fill_(True)
+
+
+# -- training: the rank allocator and the regulariser --------------------------------------------
+def cubic_budget(step: int, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int) -> int:
+    """The paper's budget schedule b(t) (eq. 10; PEFT's integer rounding and boundaries)."""
+    if step <= tinit:
+        return init_bgt
+    if step > total_step - tfinal:
+        return target_bgt
+    frac = 1 - (step - tinit) / (total_step - tfinal - tinit)
+    return int((init_bgt - target_bgt) * frac**3 + target_bgt)
+
+
+def orthogonal_regularizer(deltas: list[AdaLoRA], form: str = "paper") -> Tensor:
+    """``sum ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2`` over ``deltas`` (``form="peft"``: mean of unsquared norms)."""
+    terms = []
+    for d in deltas:
+        if d.rank == 0:
+            continue
+        eye = torch.eye(d.rank, device=d.lora_A.device, dtype=torch.float32)
+        for cov in (d.lora_A.float() @ d.lora_A.float().T, d.lora_B.float().T @ d.lora_B.float()):
+            diff = torch.linalg.matrix_norm(cov - eye)
+            terms.append(diff.square() if form == "paper" else diff)
+    if not terms:
+        return torch.zeros(())
+    total = torch.stack(terms).sum()
+    return total if form == "paper" else total / len(terms)
+
+
+class RankAllocator:
+    """AdaLoRA's budget schedule and masking for adapter ``name`` of a DeltaModel (PEFT's ``RankAllocator``).
+
+    ``update_importance`` needs the gradients of the step; ``allocate`` masks per the schedule.
+    ``update_and_allocate(step)`` does both, as PEFT's method: call it after ``optimizer.step()`` and
+    before ``zero_grad()``. Steps count from 1 to ``total_step``.
+    """
+
+    def __init__(self, dm: Any, name: str, total_step: int | None = None):
+        self.dm, self.name = dm, name
+        cfg = dm.configs[name]
+        if not isinstance(cfg, AdaLoRAConfig):
+            raise TypeError(f"adapter {name!r} is {type(cfg).__name__}, not AdaLoRA")
+        total = total_step if total_step is not None else cfg.total_step
+        if total is None:
+            raise ValueError(f"adapter {name!r}: total_step is not set; give it in the AdaLoRAConfig or here")
+        cfg = cfg.model_validate({**cfg.model_dump(), "total_step": total})  # validates the schedule
+        self.cfg = cfg
+        self.deltas: dict[str, AdaLoRA] = {p: d for p, d in dm.deltas(name).items() if isinstance(d, AdaLoRA)}
+        self.init_bgt = sum(d.rank for d in self.deltas.values())
+        self.target_bgt = cfg.target_r * len(self.deltas)
+        self.final_fixed = False
+        self.reset_importance()
+
+    def reset_importance(self) -> None:
+        self.ipt: dict[tuple[str, str], Tensor] = {}
+        self.unc: dict[tuple[str, str], Tensor] = {}
+
+    def budget(self, step: int) -> int:
+        c = self.cfg
+        return cubic_budget(step, self.init_bgt, self.target_bgt, c.tinit, c.tfinal, c.total_step)
+
+    def regularizer(self) -> Tensor:
+        """``orth_reg_weight * R`` for this adapter (add it to the loss)."""
+        r = orthogonal_regularizer(list(self.deltas.values()), self.cfg.orth_reg_form)
+        return self.cfg.orth_reg_weight * r
+
+    @torch.no_grad()
+    def update_importance(self, step: int | None = None, grads: dict[tuple[str, str], Tensor | None] | None = None) -> None:
+        """EMA of the sensitivity |w * grad| and of its uncertainty, for every entry of P, lambda, Q.
+
+        As PEFT (and so that lambda = 0 at init does not score every triplet 0): w is the weight after the
+        optimizer step, grad the step's gradient (``p.grad``, or ``grads[(module path, param name)]``).
+        """
+        if step is not None and step >= self.cfg.total_step - self.cfg.tfinal:
+            return  # the final phase only keeps the fixed mask
+        b1, b2 = self.cfg.beta1, self.cfg.beta2
+        for path, d in self.deltas.items():
+            for pname in ("lora_A", "lora_E", "lora_B"):
+                p = getattr(d, pname)
+                key = (path, pname)
+                g = grads.get(key) if grads is not None else p.grad
+                now = (p.float() * g.float()).abs() if g is not None else torch.zeros_like(p, dtype=torch.float32)
+                ipt = self.ipt.get(key, torch.zeros_like(now))
+                unc = self.unc.get(key, torch.zeros_like(now))
+                ipt = b1 * ipt + (1 - b1) * now
+                self.unc[key] = b2 * unc + (1 - b2) * (now - ipt).abs()
+                self.ipt[key] = ipt
+
+    def gradients(self) -> dict[tuple[str, str], Tensor | None]:
+        """The current gradients of P, lambda, Q (references), for a later :meth:`update_importance`."""
+        return {(p, n): getattr(d, n).grad for p, d in self.deltas.items() for n in ("lora_A", "lora_E", "lora_B")}
+
+    def triplet_scores(self) -> dict[str, Tensor]:
+        """S_i = s(lambda_i) + mean_j s(Q_ij) + mean_j s(P_ji) per module, shape (r,)."""
+        out = {}
+        for path, d in self.deltas.items():
+            s = {n: self.ipt.get((path, n), torch.zeros(getattr(d, n).shape)) *
+                 self.unc.get((path, n), torch.zeros(getattr(d, n).shape)) for n in ("lora_A", "lora_E", "lora_B")}
+            out[path] = s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
+        return out
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> None:
+        """Zero the lambdas of all but the ``budget`` most important triplets (ties at the threshold go)."""
+        scores = self.triplet_scores()
+        k = self.init_bgt - budget
+        if k <= 0 or not scores:
+            for d in self.deltas.values():
+                d.keep.fill_(True)
+        else:
+            threshold = torch.kthvalue(torch.cat([s.float().cpu() for s in scores.values()]), k).values
+            for path, d in self.deltas.items():
+                keep = scores[path].float().cpu() > threshold
+                d.keep.copy_(keep)
+        self._apply_masks()
+        self._write_pattern()
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        for d in self.deltas.values():
+            d.lora_E.masked_fill_(~d.keep.view(-1, 1).to(d.lora_E.device), 0.0)
+
+    def _write_pattern(self) -> None:
+        pattern = {f"{p}.lora_E": d.pattern() for p, d in self.deltas.items()}
+        cfg = self.dm.configs[self.name]
+        self.dm.configs[self.name] = cfg.model_copy(update={"rank_pattern": pattern, "total_step": self.cfg.total_step})
+
+    def allocate(self, step: int) -> int:
+        """Mask per the schedule at ``step`` (after the optimizer step); returns the budget."""
+        c = self.cfg
+        end = c.total_step - c.tfinal
+        if step < end:
+            budget = self.budget(step)
+            if c.tinit < step and step % c.deltaT == 0:
+                self.mask_to_budget(budget)
+            return budget
+        if step == end or (not self.final_fixed and self.ipt):  # the final mask, fixed from here on
+            self.mask_to_budget(self.target_bgt)
+            self.reset_importance()
+        elif not self.final_fixed:  # resumed past the final mask: the masks restored with the weights stand
+            self._apply_masks()
+            self._write_pattern()
+        else:
+            self._apply_masks()
+        self.final_fixed = True
+        return self.target_bgt
+
+    def update_and_allocate(self, step: int) -> int:
+        """PEFT's ``update_and_allocate``: call after ``optimizer.step()``, before ``zero_grad()``."""
+        self.update_importance(step)
+        return self.allocate(step)
+
+    def nonzero_ranks(self) -> dict[str, int]:
+        """The number of non-zero lambdas per module."""
+        return {p: int((d.lora_E != 0).sum()) for p, d in self.deltas.items()}
+
+
+class AdaLoRACallback(Callback):
+    """Drives :class:`RankAllocator` from deltatune's Trainer exactly where PEFT's loop calls
+    ``update_and_allocate``: after the optimizer step (importance from the stepped weights and the step's
+    gradients, kept from after backward since the Trainer drops them at ``zero_grad``), then masking (the
+    paper's eq. 8: the stepped lambda is masked). ``orth_reg_weight * R`` is added to every micro-batch's loss."""
+
+    def __init__(self, dm: Any, name: str):
+        self.dm, self.name = dm, name
+        self.allocator: RankAllocator | None = None
+        self._grads: dict[tuple[str, str], Tensor | None] | None = None
+
+    def on_train_begin(self, trainer: Any) -> None:
+        cfg = self.dm.configs[self.name]
+        total = cfg.total_step if cfg.total_step is not None else trainer.cfg.steps
+        if cfg.total_step is not None and cfg.total_step != trainer.cfg.steps:
+            warnings.warn(f"AdaLoRA adapter {self.name!r}: total_step={cfg.total_step} but the run has "
+                          f"{trainer.cfg.steps} steps; the budget schedule follows total_step", stacklevel=2)
+        self.allocator = RankAllocator(self.dm, self.name, total_step=total)
+        self.dm.configs[self.name] = cfg.model_copy(update={"total_step": total})  # saved with the adapter
+
+    def extra_loss(self, trainer: Any, step: int) -> Tensor | None:
+        if self.allocator is None or self.allocator.cfg.orth_reg_weight == 0:
+            return None
+        return self.allocator.regularizer()
+
+    def on_after_backward(self, trainer: Any, step: int) -> None:
+        self._grads = self.allocator.gradients()  # references: clipping then applies to them, as in PEFT's loop
+
+    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
+        self.allocator.update_importance(step, self._grads)
+        self._grads = None
+        metrics["adalora_budget"] = self.allocator.allocate(step)
