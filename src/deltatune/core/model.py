@@ -115,6 +115,10 @@ class DeltaModel(nn.Module):
             raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
         deltas = self._build(cfg)
         if state is not None:
+            shared = {k: state[k] for k in cfg.shared_keys if k in state}
+            # tensors shared by all the adapter's deltas (VeRA's projections), keyed as in the file
+            cfg.import_shared({p: d for p, d in deltas.items() if not d.replaces_base}, shared)
+            state = {k: v for k, v in state.items() if k not in shared}
             for path, part in _by_module(state, deltas).items():
                 deltas[path].import_state(part, path)
         # nothing below can fail: install
@@ -146,9 +150,10 @@ class DeltaModel(nn.Module):
                      and any(not d.replaces_base for d in site.deltas.values())]
             if inner:
                 raise ValueError(f"modules_to_save {path!r} contains {inner[0]!r}, already adapted by another adapter")
+        made = cfg.make_deltas(sel.modules)
         deltas: dict[str, Delta] = {}
         for path, m in sel.modules.items():
-            deltas[path] = _place(cfg.make_delta(m, path), m, cfg.adapter_dtype)
+            deltas[path] = _place(made[path], m, cfg.adapter_dtype)
         for path, m in saved.items():
             deltas[path] = ModuleCopy(m)
         return deltas
