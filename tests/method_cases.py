@@ -33,6 +33,7 @@ class Case:
         config and the module's shapes, independently of the library.
     mergeable / additive: whether merging is supported / whether two active adapters add their effects.
     atol: merged vs unmerged outputs (float32); load_atol: outputs after a save/load roundtrip.
+    shape_checked: loading onto a model with other weight shapes fails (the file's shapes give it away).
     """
 
     id: str
@@ -46,6 +47,7 @@ class Case:
     atol: float = 1e-5
     load_atol: float = 0.0
     half_atol: float = 5e-2  # merged vs unmerged on float16/bfloat16 bases
+    shape_checked: bool = True  # False: the saved tensors do not depend on layer shapes (FourierFT's spectrum)
 
 
 # -- LoRA ----------------------------------------------------------------------------------------

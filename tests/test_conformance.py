@@ -552,7 +552,7 @@ def test_add_selecting_nothing_raises_and_changes_nothing(zoo, case, kind):
     assert_unchanged(before, dm)
 
 
-@over_cases()
+@over_cases(lambda case, kind: case.shape_checked)
 def test_failed_load_into_wrong_shapes_changes_nothing(zoo, case, kind, tmp_path):
     _, dm, x = adapted(zoo, case, kind, name="default")
     dm.save(tmp_path)

@@ -81,6 +81,31 @@ class DeltaConfig(BaseModel):
         """A fresh delta for ``module`` (at qualified name ``path``), initialised per the config."""
         raise NotImplementedError
 
+    def make_deltas(self, modules: dict[str, nn.Module]) -> dict[str, Delta]:
+        """Fresh deltas for all selected ``modules`` (path -> module) at once.
+
+        The default calls :meth:`make_delta` per module. A method whose deltas share state across modules
+        (VeRA's frozen projections, sized to the largest selected layer) overrides this. It must raise
+        before anything is installed; the core places each delta on its module's device and dtype.
+        """
+        return {path: self.make_delta(m, path) for path, m in modules.items()}
+
+    # -- tensors shared by all deltas of one adapter, saved outside any module path ----------------
+    shared_keys: ClassVar[tuple[str, ...]] = ()  # their full keys in the file (e.g. "base_model.vera_A")
+
+    def export_shared(self, deltas: dict[str, Delta]) -> dict[str, Any]:
+        """Tensors to save besides the per-module ones, keyed by their full key in the file.
+
+        ``deltas``: this adapter's deltas by module path. Most methods have none.
+        """
+        return {}
+
+    def import_shared(self, deltas: dict[str, Delta], tensors: dict[str, Any]) -> None:
+        """Load the :attr:`shared_keys` tensors found in a file into freshly built ``deltas`` (before they are
+        installed); raise naming the key on a missing tensor or a shape mismatch."""
+        if tensors:
+            raise KeyError(f"{type(self).__name__} saves no shared tensors, but the file has {sorted(tensors)}")
+
     def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
         """The PEFT-format ``adapter_config.json`` fields, for exactly ``target_modules``."""
         raise NotImplementedError(f"{type(self).__name__} has no PEFT-format equivalent")

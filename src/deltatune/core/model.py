@@ -120,6 +120,10 @@ class DeltaModel(nn.Module):
             raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
         deltas = self._build(cfg)
         if state is not None:
+            shared = {k: state[k] for k in cfg.shared_keys if k in state}
+            # tensors shared by all the adapter's deltas (VeRA's projections), keyed as in the file
+            cfg.import_shared({p: d for p, d in deltas.items() if not d.replaces_base}, shared)
+            state = {k: v for k, v in state.items() if k not in shared}
             for path, part in _by_module(state, deltas).items():
                 deltas[path].import_state(part, path)
         # nothing below can fail: install
@@ -154,6 +158,7 @@ class DeltaModel(nn.Module):
                      and any(not d.replaces_base for d in site.deltas.values())]
             if inner:
                 raise ValueError(f"modules_to_save {path!r} contains {inner[0]!r}, already adapted by another adapter")
+        made = cfg.make_deltas(sel.modules)
         deltas: dict[str, Delta] = {}
         make_deltas = getattr(cfg, "make_deltas", None)  # a method whose deltas at several sites work together
         made = make_deltas(sel.modules) if make_deltas else {p: cfg.make_delta(m, p) for p, m in sel.modules.items()}

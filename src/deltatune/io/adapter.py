@@ -2,7 +2,9 @@
 
 A folder holds ``adapter_config.json`` (PEFT's fields, plus a ``deltatune`` key PEFT ignores) and
 ``adapter_model.safetensors`` with PEFT's key names (``base_model.model.<module>.lora_A.weight``, ...).
-Non-default adapter names go to a subfolder per name, as PEFT does. Files are written to a temporary
+Tensors an adapter shares across its modules (``DeltaConfig.export_shared``, e.g. VeRA's ``base_model.vera_A``)
+are saved under their own full keys and handed back to ``import_shared`` on load. Non-default adapter names go to
+a subfolder per name, as PEFT does. Files are written to a temporary
 name and renamed, so an interrupted save never leaves a broken adapter. Only safetensors load unless the
 caller explicitly allows pickle files.
 """
@@ -102,6 +104,8 @@ def save_adapter(dm: DeltaModel, name: str, folder: Path) -> None:
                            "config": saved.to_dict()}
     tensors = {f"{PREFIX}{p}.{k}": t.detach().to("cpu").contiguous()
                for p, d in deltas.items() for k, t in d.export_state().items()}
+    shared = cfg.export_shared({p: d for p, d in deltas.items() if not d.replaces_base})
+    tensors.update({k: t.detach().to("cpu").contiguous() for k, t in shared.items()})
     text = json.dumps(config, indent=2, sort_keys=True)
     atomic_write_all({folder / WEIGHTS_NAME: lambda f: save_file(tensors, str(f), metadata={"format": "pt"}),
                       folder / CONFIG_NAME: lambda f: f.write_text(text)})
