@@ -158,10 +158,8 @@ class DeltaModel(nn.Module):
                      and any(not d.replaces_base for d in site.deltas.values())]
             if inner:
                 raise ValueError(f"modules_to_save {path!r} contains {inner[0]!r}, already adapted by another adapter")
-        made = cfg.make_deltas(sel.modules)
+        made = cfg.make_deltas(sel.modules)  # one call: a method's deltas at several sites may work together
         deltas: dict[str, Delta] = {}
-        make_deltas = getattr(cfg, "make_deltas", None)  # a method whose deltas at several sites work together
-        made = make_deltas(sel.modules) if make_deltas else {p: cfg.make_delta(m, p) for p, m in sel.modules.items()}
         for path, m in sel.modules.items():
             deltas[path] = _place(made[path], m, cfg.adapter_dtype)
         for path, m in saved.items():
