@@ -46,6 +46,7 @@ class Case:
     atol: float = 1e-5
     load_atol: float = 0.0
     half_atol: float = 5e-2  # merged vs unmerged on float16/bfloat16 bases
+    weak_generation: tuple[str, ...] = ()  # kinds where a random adapter may not change greedy tokens (rotations)
 
 
 # -- LoRA ----------------------------------------------------------------------------------------

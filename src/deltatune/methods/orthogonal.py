@@ -237,20 +237,31 @@ class OFT(_Rotating):
         return m - m.transpose(-2, -1)
 
     @torch.no_grad()
-    def _project(self) -> None:
-        """COFT: keep each block's skew matrix within Frobenius norm eps / sqrt(#blocks) (in place)."""
-        w = self.oft_R.weight
+    def _projected(self, w: Tensor) -> Tensor:
+        """COFT: each block's skew matrix pulled back within Frobenius norm eps / sqrt(#blocks)."""
         q = self._skew(w.float())
         eps = self.eps / math.sqrt(q.shape[0])
         norm = q.norm(dim=(1, 2), keepdim=True)
         q = torch.where(norm <= eps, q, eps * (q / norm))
-        w.copy_(q[:, self.rows, self.cols].to(w.dtype))
+        return q[:, self.rows, self.cols].to(w.dtype)
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        self.oft_R.weight.copy_(self._projected(self.oft_R.weight))
 
     def blocks(self) -> Tensor:
-        """The (r or 1, b, b) orthogonal blocks, float32."""
+        """The (r or 1, b, b) orthogonal blocks, float32.
+
+        COFT: while training (with autograd on) the parameter is projected in place before use, PEFT's
+        projected-gradient scheme; otherwise the projection is applied to a copy, so an evaluation, a merge
+        or a save never changes the adapter's state."""
+        w = self.oft_R.weight
         if self.coft:
-            self._project()
-        q = self._skew(self.oft_R.weight.float())
+            if self.training and torch.is_grad_enabled():
+                self._project()
+            else:
+                w = self._projected(w)
+        q = self._skew(w.float())
         n, b = q.shape[0], self.block_size
         eye = torch.eye(b, device=q.device, dtype=q.dtype)
         if not self.neumann:
