@@ -130,7 +130,7 @@ CASES: list[Case] = [
     case("oft-block-share", ("mlp", "llama", "gpt2"), oft_count, "oft", r=2, oft_block_size=0, block_share=True,
          **ORTH),
     # COFT projects its parameters in place at every forward: a reload re-projects (last-bit differences)
-    case("oft-coft", ("llama",), oft_count, "oft", oft_block_size=4, coft=True, eps=0.5, load_atol=1e-6, **ORTH),
+    case("oft-coft", ("mlp", "llama"), oft_count, "oft", oft_block_size=4, coft=True, eps=3.0, load_atol=1e-6, **ORTH),
     case("boft", ALL, boft_count, "boft", boft_block_size=4, **ORTH),
     case("boft-butterfly", ("mlp", "llama"), boft_count, "boft", boft_block_size=2, boft_n_butterfly_factor=2,
          **ORTH),
