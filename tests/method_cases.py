@@ -46,6 +46,11 @@ class Case:
     atol: float = 1e-5
     load_atol: float = 0.0
     half_atol: float = 5e-2  # merged vs unmerged on float16/bfloat16 bases
+    extra_positions: int = 0  # leading positions a causal LM's logits gain (prompt tuning's virtual tokens)
+    routable: bool = True  # per-row routing works; else it raises "cannot be routed per row" (input-level methods)
+    several_active: bool = True  # several adapters of the method can be active at once; else activate() raises
+    file_prefix: str = "base_model.model."  # PEFT's key prefix for module weights (prompt learning: "base_model.")
+    min_drop: float = 0.05  # relative loss drop 30 training steps must reach (test_method_training)
 
 
 # -- LoRA ----------------------------------------------------------------------------------------
