@@ -115,13 +115,19 @@ class PrefixTuning(InputDelta):
 
     def prepare_inputs(self, inputs: dict, embed: nn.Module) -> dict:
         n = self.n
-        if cache_length(inputs.get("past_key_values")) == 0:  # prefill / plain forward: the cache starts as the prefix
+        cache = inputs.get("past_key_values")
+        # generate(use_cache=False) still hands back the cache the last step filled: without use_cache, a cache this
+        # delta made is stale
+        stale = inputs.get("use_cache") is False and getattr(cache, "_deltatune_prefix", None) is self
+        if cache_length(cache) == 0 or stale:  # prefill / plain forward: the cache starts as the prefix
             from transformers import DynamicCache
 
             b = batch_shape(inputs)[0]
             dtype = embed.weight.dtype
             kv = self.table().to(dtype).view(n, self.layers * 2, self.heads, self.token_dim // self.heads)
             kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, b, -1, -1, -1)  # (2 layers, B, heads, n, d_h)
-            inputs["past_key_values"] = DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)])
+            cache = DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)])
+            cache._deltatune_prefix = self
+            inputs["past_key_values"] = cache
         extend_mask_and_positions(inputs, n, prepend_positions=False)
         return inputs
