@@ -51,6 +51,11 @@ class Case:
     half_atol: float = 5e-2  # merged vs unmerged on float16/bfloat16 bases
     shape_checked: bool = True  # False: the saved tensors do not depend on layer shapes (FourierFT's spectrum)
     weak_generation: tuple[str, ...] = ()  # kinds where a random adapter may not change greedy tokens (rotations)
+    extra_positions: int = 0  # leading positions a causal LM's logits gain (prompt tuning's virtual tokens)
+    routable: bool = True  # per-row routing works; else it raises "cannot be routed per row" (input-level methods)
+    several_active: bool = True  # several adapters of the method can be active at once; else activate() raises
+    file_prefix: str = "base_model.model."  # PEFT's key prefix for module weights (prompt learning: "base_model.")
+    min_drop: float = 0.05  # relative loss drop 30 training steps must reach (test_method_training)
 
 
 # -- LoRA ----------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ class DeltaConfig(BaseModel):
     type: ClassVar[str] = "base"
     default_targets: ClassVar[str | list[str]] = "all-linear"
     peft_type: ClassVar[str | None] = None  # the name of the method in the PEFT format, if it has one
+    # what PEFT puts before module paths in this method's files (prompt-learning methods: "base_model.")
+    peft_prefix: ClassVar[str] = "base_model.model."
     targets: TargetSpec = None
     exclude: TargetSpec = None
     layers: list[int] | None = None
@@ -113,6 +115,13 @@ class DeltaConfig(BaseModel):
     @classmethod
     def from_peft(cls, data: dict[str, Any]) -> DeltaConfig:
         raise NotImplementedError(f"{cls.__name__} cannot read PEFT-format configs")
+
+    def for_model(self, model: nn.Module) -> DeltaConfig:
+        """This config with the fields that depend on the model filled in (and checked against it), before any
+        delta is built. Most methods depend on nothing beyond the adapted modules and return ``self``; input-level
+        methods record the model's geometry (layers, heads, task), as the PEFT format does. Raise a ValueError
+        naming the field if the config cannot apply to ``model``."""
+        return self
 
     def training_callbacks(self, dm: Any, name: str) -> list[Any]:
         """Trainer callbacks (``deltatune.train.trainer.Callback``) this method needs while adapter ``name``

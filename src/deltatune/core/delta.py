@@ -31,6 +31,7 @@ class MergeError(RuntimeError):
 class Delta(nn.Module):
     mergeable: ClassVar[bool] = False
     replaces_base: ClassVar[bool] = False
+    input_level: ClassVar[bool] = False  # an InputDelta: it changes the model's inputs, not a module's output
     frozen: tuple[str, ...] = ()  # parameter names that never train (e.g. LoRA-FA's A)
 
     @property
@@ -79,6 +80,29 @@ class Delta(nn.Module):
                     f"{where}.{k}: shape {tuple(t.shape)} in the file, but the model needs {tuple(own[k].shape)}"
                 )
         self.load_state_dict({k: t.to(own[k].dtype) for k, t in state.items()})
+
+
+class InputDelta(Delta):
+    """An input-level delta (prompt tuning's virtual tokens, prefix tuning's key/value prefixes).
+
+    It does not change a module's output: it changes what the wrapped model receives. It lives at the
+    model's input-embedding site, like any delta (so saving, counting, deleting, trainable flags and dtype
+    placement need nothing special), where it leaves the embedding's output as it is, and it contributes
+
+        prepare_inputs(inputs, embed) -> inputs     # the wrapped model's forward keyword arguments
+
+    which the DeltaModel applies (through a forward pre-hook on the wrapped model) to every call of the
+    wrapped model while the adapter is active: direct calls and every step of ``generate``. ``embed`` is
+    the input-embedding module (its Site, so weight-level deltas there still apply). Not mergeable.
+    """
+
+    input_level = True
+
+    def forward(self, x: Tensor, y: Tensor, base: nn.Module) -> Tensor:
+        return y
+
+    def prepare_inputs(self, inputs: dict, embed: nn.Module) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 class ModuleCopy(Delta):

@@ -8,6 +8,7 @@ so a failing ``add``/``load``/``merge``/``delete`` leaves the model exactly as i
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import warnings
 import weakref
@@ -41,6 +42,8 @@ class DeltaModel(nn.Module):
         self.configs: dict[str, DeltaConfig] = {}
         self.trainable: dict[str, bool] = {}
         self._requires_grad: dict[str, bool] | None = None  # the base's flags, restored on unload
+        self._input_sites: list[Site] = []  # sites holding input-level deltas (prompt/prefix tuning)
+        self._input_hook = None  # the forward pre-hook on the wrapped model that applies them
         self.training = model.training
 
     def __getattr__(self, name: str) -> Any:
@@ -79,6 +82,11 @@ class DeltaModel(nn.Module):
         merged = sorted({n for _, s in self.sites() for n in s.merged})
         if merged:
             raise RuntimeError(f"adapter(s) {merged} are merged into the weights; unmerge before per-row routing")
+        inputs = sorted({a for a in adapters if a is not None and self._input_level(a)})
+        if inputs:
+            raise ValueError(f"adapter(s) {inputs} ({', '.join(sorted({self.configs[a].type for a in inputs}))}) act "
+                             f"on the model's inputs for the whole batch and cannot be routed per row; run their rows "
+                             f"in a separate batch")
         device = next(self.model.parameters()).device
         groups: dict[str, list[int]] = {}
         for i, a in enumerate(adapters):
@@ -93,6 +101,37 @@ class DeltaModel(nn.Module):
         finally:
             st.route, st.route_rows = None, 0
             st.bump()
+
+    # -- input-level adapters --------------------------------------------------------------------
+    def _input_level(self, name: str) -> bool:
+        return any(name in s.deltas and s.deltas[name].input_level for s in self._input_sites)
+
+    def _sync_inputs(self) -> None:
+        """Find the sites that hold input-level deltas; the pre-hook exists exactly while there are some."""
+        self._input_sites = [s for _, s in self.sites() if any(d.input_level for d in s.deltas.values())]
+        if self._input_sites and self._input_hook is None:
+            self._input_hook = self.model.register_forward_pre_hook(_InputHook(self), with_kwargs=True)
+        elif not self._input_sites and self._input_hook is not None:
+            self._input_hook.remove()
+            self._input_hook = None
+
+    def _active_input(self) -> tuple[Site, Delta] | None:
+        """The active input-level delta and its site, if any (and not disabled or routed per row)."""
+        st = self._state
+        if st.disabled or st.route is not None:
+            return None
+        for s in self._input_sites:
+            for n in st.active:
+                d = s.deltas[n] if n in s.deltas else None
+                if d is not None and d.input_level:
+                    return s, d
+        return None
+
+    @property
+    def transforms_inputs(self) -> bool:
+        """True when a forward now changes the model's inputs (an active prompt/prefix adapter): code that calls
+        parts of the model directly (e.g. the backbone, to run the head itself) must call the whole model."""
+        return self._active_input() is not None
 
     # -- adapters ------------------------------------------------------------------------------
     def add(
@@ -118,6 +157,7 @@ class DeltaModel(nn.Module):
             raise ValueError(f"adapter name {name!r} must be an identifier (letters, digits, _ or -)")
         if name in self.configs:
             raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+        cfg = cfg.for_model(self.model)
         deltas = self._build(cfg)
         if state is not None:
             shared = {k: state[k] for k in cfg.shared_keys if k in state}
@@ -140,6 +180,7 @@ class DeltaModel(nn.Module):
         if not self._state.active:
             self._state.active = (name,)
         self._state.bump()
+        self._sync_inputs()
         return self
 
     def _build(self, cfg: DeltaConfig) -> dict[str, Delta]:
@@ -214,6 +255,10 @@ class DeltaModel(nn.Module):
         for path, s in self.sites():
             if sum(1 for n in names if n in s.deltas and s.deltas[n].replaces_base) > 1:
                 raise ValueError(f"adapters {names} each save their own copy of {path!r}; activate only one")
+        inputs = [n for n in dict.fromkeys(names) if self._input_level(n)]
+        if len(inputs) > 1:
+            raise ValueError(f"adapters {inputs} each act on the model's inputs (virtual tokens, prefixes); "
+                             f"activate only one of them at a time (together with any weight-level adapters)")
         self._state.active = tuple(dict.fromkeys(names))
         self._state.bump()
 
@@ -253,11 +298,11 @@ class DeltaModel(nn.Module):
         for p, s in self.sites():
             pending = [n for n in names if n in s.deltas and n not in s.merged and not s.deltas[n].replaces_base]
             if pending:
+                s.check_mergeable(pending, p)
                 w = getattr(s.base, "weight", None)
                 if w is not None and len(tied.get(id(w), ())) > 1:
                     raise MergeError(f"{p}: its weight is shared with {sorted(set(tied[id(w)]) - {p})} (tied "
                                      f"weights); merging would change those too. Untie them first, or keep it unmerged")
-                s.check_mergeable(pending, p)
                 todo[p] = pending
         if not todo:
             warnings.warn(f"adapter(s) {names} are already merged; nothing to do", stacklevel=2)
@@ -298,6 +343,7 @@ class DeltaModel(nn.Module):
         self.trainable.clear()
         self._state.active = ()
         self._state.bump()
+        self._sync_inputs()
         _OWNERS.pop(self.model, None)
 
     def delete(self, name: str) -> None:
@@ -316,6 +362,7 @@ class DeltaModel(nn.Module):
         del self.trainable[name]
         self._state.active = tuple(n for n in self._state.active if n != name)
         self._state.bump()
+        self._sync_inputs()
         if not self.configs:
             self._release()
 
@@ -348,6 +395,32 @@ class DeltaModel(nn.Module):
         return load_adapter_into(self, path, name, trainable=trainable, allow_pickle=allow_pickle)
 
 
+class _InputHook:
+    """The wrapped model's forward pre-hook: the active input-level delta rewrites the forward's arguments.
+
+    Holds the DeltaModel weakly (the model must not keep its DeltaModel alive, nor copy it when deep-copied).
+    """
+
+    def __init__(self, dm: DeltaModel):
+        self.dm = weakref.ref(dm)
+        self._params: list[str] | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        dm = self.dm()
+        found = dm._active_input() if dm is not None else None
+        if found is None:
+            return None
+        site, delta = found
+        if args:  # positional arguments by the forward's parameter names
+            if self._params is None:
+                self._params = [n for n, p in inspect.signature(module.forward).parameters.items()
+                                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if len(args) > len(self._params):
+                raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
+            kwargs = {**dict(zip(self._params, args)), **kwargs}
+        return (), delta.prepare_inputs(dict(kwargs), site)
+
+
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
     """id(weight) -> the module paths holding it (several when weights are tied)."""
     holders: dict[int, list[str]] = {}
@@ -364,7 +437,11 @@ def _by_module(state: dict[str, Tensor], deltas: dict[str, Delta]) -> dict[str, 
     """Split ``<path>.<param>`` keys by the module each belongs to (the longest path that prefixes it)."""
     parts: dict[str, dict[str, Tensor]] = {p: {} for p in deltas}
     unexpected = []
+    inputs = [p for p, d in deltas.items() if d.input_level]
     for key, t in state.items():
+        if "." not in key and len(inputs) == 1:  # PEFT saves prompt-learning weights as top-level keys
+            parts[inputs[0]][key] = t
+            continue
         bits = key.split(".")
         for i in range(len(bits) - 1, 0, -1):
             path = ".".join(bits[:i])

@@ -54,7 +54,8 @@ class Site(nn.Module):
     def _active(self) -> tuple[list[Delta], Delta | None]:
         st = self._state
         if self._cache[0] != st.version:
-            ds = [self.deltas[n] for n in st.active if n in self.deltas and n not in self.merged]
+            ds = [self.deltas[n] for n in st.active
+                  if n in self.deltas and n not in self.merged and not self.deltas[n].input_level]
             replacing = [d for d in ds if d.replaces_base]
             if len(replacing) > 1:
                 raise RuntimeError("two active adapters each replace the same module (modules_to_save)")

@@ -102,7 +102,8 @@ def save_adapter(dm: DeltaModel, name: str, folder: Path) -> None:
         config = {}
     config["deltatune"] = {"type": cfg.type, "format": FORMAT_VERSION, "version": __version__,
                            "config": saved.to_dict()}
-    tensors = {f"{PREFIX}{p}.{k}": t.detach().to("cpu").contiguous()
+    # input-level deltas (prompt/prefix tuning) save top-level keys (``prompt_embeddings``), as PEFT does
+    tensors = {(k if d.input_level else f"{cfg.peft_prefix}{p}.{k}"): t.detach().to("cpu").contiguous()
                for p, d in deltas.items() for k, t in d.export_state().items()}
     shared = cfg.export_shared({p: d for p, d in deltas.items() if not d.replaces_base})
     tensors.update({k: t.detach().to("cpu").contiguous() for k, t in shared.items()})
@@ -144,8 +145,8 @@ def read_config(folder: Path) -> DeltaConfig:
     raise AdapterFileError(f"{file}: unknown method type {peft_type!r}; deltatune reads: {available_methods()}")
 
 
-def read_weights(folder: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """The adapter tensors, keys without PEFT's ``base_model.model.`` prefix."""
+def read_weights(folder: Path, allow_pickle: bool = False, prefix: str = PREFIX) -> dict[str, Tensor]:
+    """The adapter tensors, keys without PEFT's ``base_model.model.`` prefix (the method's ``peft_prefix``)."""
     file = folder / WEIGHTS_NAME
     if file.is_file():
         try:
@@ -168,7 +169,7 @@ def read_weights(folder: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
             raise AdapterFileError(f"{pickled[0]}: cannot be read ({e})") from None
     out = {}
     for k, t in tensors.items():
-        k = k[len(PREFIX):] if k.startswith(PREFIX) else k
+        k = k[len(prefix):] if k.startswith(prefix) else k
         if k.endswith(".base_layer.weight"):  # PEFT saves whole embedding matrices alongside embedding LoRA
             warnings.warn(f"{file}: ignoring the saved base weight {k}; the model's own is used", stacklevel=3)
             continue
@@ -185,7 +186,7 @@ def load_adapter_into(dm: DeltaModel, path: str | os.PathLike, name: str | None 
     if name in dm.configs:
         raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
     cfg = read_config(folder)
-    state = read_weights(folder, allow_pickle)
+    state = read_weights(folder, allow_pickle, cfg.peft_prefix)
     if cfg.modules_to_save:  # PEFT lists candidates (e.g. "classifier", "score"); absent ones mean nothing
         present = [m for m in cfg.modules_to_save if any(n and matches([m], n) for n, _ in iter_modules(dm.model))]
         cfg = cfg.model_copy(update={"modules_to_save": present or None})

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.model import DeltaModel
+from ..core.model import DeltaModel, owner_of
 from ..io.adapter import save_adapter
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .loss import linear_cross_entropy
@@ -108,7 +108,9 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     cfg = getattr(model, "config", None)
     special = any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale", "output_multiplier"))
-    if backbone is None or backbone is model or head is None or special:
+    dm = owner_of(model)
+    inputs = dm is not None and dm.transforms_inputs  # prompt/prefix tuning: only the whole model's forward applies it
+    if backbone is None or backbone is model or head is None or special or inputs:
         return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels).loss
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
     targets = labels[:, 1:]
