@@ -343,3 +343,39 @@ def test_union_config_roundtrips_through_its_dict():
     back = config_class("union").from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back.to_dict() == cfg.to_dict()
     assert [type(m).__name__ for m in back.members] == ["LoRAConfig", "ParallelConfig"]
+
+
+@pytest.mark.parametrize("build", ["llama", "gpt2"])
+def test_mam_union_prefix_tuning_plus_parallel_adapter(build, tmp_path):
+    """MAM (He et al. 2022): prefix tuning + scaled parallel adapter as ONE adapter: trains both, saves, generates."""
+    from conftest import build_gpt2, build_llama
+
+    make = build_llama if build == "llama" else build_gpt2
+    torch.manual_seed(0)
+    model = make().eval()
+    ids = torch.randint(2, 60, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y0 = model(input_ids=ids).logits
+    dm = dt.attach(model, [dt.config("prefix_tuning", num_virtual_tokens=4), dt.config("adapter_parallel")], name="mam")
+    assert dm.transforms_inputs
+    with torch.no_grad():
+        y1 = dm(input_ids=ids).logits
+    assert (y1 - y0).abs().max() > 1e-3  # the prefixes act at once (the parallel adapter starts at zero)
+    with dm.disabled(), torch.no_grad():
+        torch.testing.assert_close(dm(input_ids=ids).logits, y0)
+    dm.train()
+    dm(input_ids=ids, labels=ids).loss.backward()
+    trained = {n for n, p in dm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("prompt_embeddings" in n for n in trained) and any("adapter_up" in n for n in trained)
+    dm.eval()
+    with pytest.raises(dt.MergeError):
+        dm.merge()
+    dm.save(tmp_path)
+    torch.manual_seed(0)
+    fresh = make().eval()
+    dm2 = dt.load_adapter(fresh, tmp_path / "mam", name="mam")
+    with torch.no_grad():
+        torch.testing.assert_close(dm2(input_ids=ids).logits, dm(input_ids=ids).logits, atol=1e-6, rtol=0)
+    a = dm.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    b = dm2.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(a, b) and a.shape == (2, 8)

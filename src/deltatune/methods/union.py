@@ -174,6 +174,9 @@ class UnionConfig(DeltaConfig):
             built.append(kept)
         return _compose(built)
 
+    def for_model(self, model: nn.Module) -> UnionConfig:
+        return self.model_copy(update={"members": [m.for_model(model) for m in self.members]})
+
     def saved_config(self) -> UnionConfig:
         return self.model_copy(update={"members": [m.saved_config() for m in self.members]})
 
