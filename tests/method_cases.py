@@ -33,6 +33,9 @@ class Case:
         config and the module's shapes, independently of the library.
     mergeable / additive: whether merging is supported / whether two active adapters add their effects.
     atol: merged vs unmerged outputs (float32); load_atol: outputs after a save/load roundtrip.
+    merge_adds_params: merging may create parameters the base lacks (a bias on a bias-less layer), which
+        ``merge_and_unload`` then keeps: its state-dict keys are a superset of the original ones, and the base
+        library (whose config says "no bias") cannot reload them, so that check is skipped.
     """
 
     id: str
@@ -46,6 +49,9 @@ class Case:
     atol: float = 1e-5
     load_atol: float = 0.0
     half_atol: float = 5e-2  # merged vs unmerged on float16/bfloat16 bases
+    train_lr: float = 1e-2  # AdamW learning rate of the 30-step training test (few-parameter methods need more)
+    jitter_scale: float = 0.1  # std of the noise the suite adds to a fresh delta when make_random is None
+    merge_adds_params: bool = False  # merging may create a parameter (a bias on a bias-less layer; see BitFit)
 
 
 # -- LoRA ----------------------------------------------------------------------------------------
