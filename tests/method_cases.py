@@ -36,6 +36,9 @@ class Case:
     shape_checked: loading onto a model with other weight shapes fails (the file's shapes give it away).
     weak_generation: model kinds where a random adapter of the method may leave greedy tokens unchanged (input
         rotations of the tiny GPT-2), so the generate test skips only its "differs from the base" check.
+    merge_adds_params: merging may create parameters the base lacks (a bias on a bias-less layer), which
+        ``merge_and_unload`` then keeps: its state-dict keys are a superset of the original ones, and the base
+        library (whose config says "no bias") cannot reload them, so that check is skipped.
     """
 
     id: str
@@ -56,6 +59,9 @@ class Case:
     several_active: bool = True  # several adapters of the method can be active at once; else activate() raises
     file_prefix: str = "base_model.model."  # PEFT's key prefix for module weights (prompt learning: "base_model.")
     min_drop: float = 0.05  # relative loss drop 30 training steps must reach (test_method_training)
+    train_lr: float = 1e-2  # AdamW learning rate of the 30-step training test (few-parameter methods need more)
+    jitter_scale: float = 0.1  # std of the noise the suite adds to a fresh delta when make_random is None
+    merge_adds_params: bool = False  # merging may create a parameter (a bias on a bias-less layer; see BitFit)
 
 
 # -- LoRA ----------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def add_random(dm: dt.DeltaModel, case: Case, name: str, seed: int, cfg: dt.Delt
     """
     torch.manual_seed(seed)
     dm.add(cfg or random_config(case), name)
-    jitter(dm, name, seed, copies_only=case.make_random is not None)
+    jitter(dm, name, seed, scale=case.jitter_scale, copies_only=case.make_random is not None)
     dm.eval()
 
 
@@ -279,7 +279,7 @@ def test_merged_equals_unmerged_and_unmerge_restores_base(zoo, case, kind):
     ya = zoo.output(dm, x)
     w0 = base_weights(dm)
     dm.merge()
-    assert any(not torch.equal(v, w0[k]) for k, v in base_weights(dm).items())
+    assert any(k not in w0 or not torch.equal(v, w0[k]) for k, v in base_weights(dm).items())
     close(zoo.output(dm, x), ya, atol=case.atol)
     dm.unmerge()
     assert not any(s.merged for _, s in dm.sites())
@@ -326,10 +326,13 @@ def test_merge_and_unload_returns_the_plain_model(zoo, case, kind, tmp_path):
     assert plain is model
     assert not any(isinstance(m, dt.Site) for m in plain.modules())
     assert {n: type(m) for n, m in plain.named_modules()} == classes
-    assert list(plain.state_dict()) == keys
+    added = [k for k in plain.state_dict() if k not in keys]
+    assert [k for k in plain.state_dict() if k in keys] == keys and (not added or case.merge_adds_params), added
     assert all(p.requires_grad for p in plain.parameters())
     close(zoo.output(plain, x), ya, atol=case.atol)
-    # the result saves and reloads with the base library
+    # the result saves and reloads with the base library (unless merging created parameters its config lacks)
+    if added:
+        return
     if zoo.kind(kind).hf:
         plain.save_pretrained(tmp_path)
         again = type(plain).from_pretrained(tmp_path).eval()

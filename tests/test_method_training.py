@@ -13,7 +13,7 @@ import deltatune as dt
 from conftest import logits
 from method_cases import CASES
 
-STEPS, LR = 30, 1e-2
+STEPS = 30
 
 
 def _loss(kind: str, model, x: dict, target: torch.Tensor | None) -> torch.Tensor:
@@ -38,7 +38,7 @@ def test_thirty_steps_lower_the_loss(zoo, case):
     dm = dt.attach(model, case.make_config())
     params = [p for p in dm.parameters() if p.requires_grad]
     assert params, "no trainable parameters"
-    opt = torch.optim.AdamW(params, lr=LR)
+    opt = torch.optim.AdamW(params, lr=case.train_lr)
     dm.train()
     losses = []
     for _ in range(STEPS):

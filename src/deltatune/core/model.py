@@ -336,8 +336,11 @@ class DeltaModel(nn.Module):
 
     def _release(self) -> None:
         if self._requires_grad is not None:
+            rec = self._requires_grad
             for n, p in self.model.named_parameters():
-                p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
+                # a parameter created by a merge (a bias on a bias-less layer) follows its module's weight
+                sibling = n.rsplit(".", 1)[0] + ".weight" if "." in n else "weight"
+                p.requires_grad_(rec[n] if n in rec else rec.get(sibling, p.requires_grad))
         self._requires_grad = None
         self.configs.clear()
         self.trainable.clear()
