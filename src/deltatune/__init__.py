@@ -50,7 +50,26 @@ def load_pretrained(spec, **kwargs):
     return _load(spec, **kwargs)
 
 
+def calibrate_sparse(dm: DeltaModel, name: str, batches, **kwargs):
+    """Choose a ``sparse_ft`` adapter's indices by gradient magnitude (GPS) on a few batches; see
+    :func:`deltatune.methods.sparse_ft.calibrate_sparse`."""
+    from .methods.sparse_ft import calibrate_sparse as _calibrate
+
+    return _calibrate(dm, name, batches, **kwargs)
+
+
+def __getattr__(name: str):
+    """Every registered method's Config class by its name: ``dt.IA3Config``, ``dt.VeRAConfig``, ..."""
+    from .core.registry import available_methods, config_class
+
+    for method in available_methods():
+        cls = config_class(method)
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
+
 __all__ = [
     "AdapterFileError", "Delta", "DeltaConfig", "DeltaModel", "LoRAConfig", "MergeError", "ModuleCopy", "Site",
-    "attach", "available_methods", "config", "inspect", "load_adapter", "load_pretrained", "register",
+    "attach", "available_methods", "calibrate_sparse", "config", "inspect", "load_adapter", "load_pretrained", "register",
 ]
