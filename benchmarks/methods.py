@@ -77,11 +77,15 @@ def sst2_files(tmp: Path, n_train: int) -> tuple[Path, Path]:
     if not (src / "train.tsv").is_file():
         raise SystemExit(f"SST-2 not found under {src}; set DELTATUNE_SHARED_DATA to the shared data folder")
     lines = (src / "train.tsv").read_text().splitlines()
-    header, rows = lines[0], lines[1:]
+    if lines[0].split("\t") != ["sentence", "label"]:
+        raise SystemExit(f"{src / 'train.tsv'}: expected the header 'sentence<TAB>label', got {lines[0]!r}")
+    rows = lines[1:]
     random.Random(0).shuffle(rows)
-    train = tmp / "sst2_train.tsv"
+    header = "text\tlabel"  # deltatune's classification columns
+    train, dev = tmp / "sst2_train.tsv", tmp / "sst2_dev.tsv"
     train.write_text("\n".join([header, *rows[:n_train]]) + "\n")
-    return train, src / "dev.tsv"
+    dev.write_text("\n".join([header, *(src / "dev.tsv").read_text().splitlines()[1:]]) + "\n")
+    return train, dev
 
 
 def e2e_files(tmp: Path, tok) -> tuple[Path, list[str], list[list[str]]]:
