@@ -41,9 +41,9 @@ DATA = Path(os.environ.get("DELTATUNE_SHARED_DATA", HERE.parent.parent / "shared
 
 # registry name -> (config kwargs, lr on sst2, lr on e2e). "full" is full fine-tuning.
 METHODS: dict[str, tuple[dict, float, float]] = {
-    "full": ({}, 5e-5, 5e-5),
-    "lora": ({"r": 8, "alpha": 16}, 1e-3, 1e-3),
-    "dora": ({"r": 8, "alpha": 16}, 1e-3, 1e-3),
+    "full": ({}, 1e-4, 5e-5),
+    "lora": ({"r": 4, "alpha": 8}, 2e-3, 1e-3),
+    "dora": ({"r": 4, "alpha": 8}, 2e-3, 1e-3),
     "adalora": ({}, 2e-3, 1e-3),
     "dylora": ({"r": 8}, 1e-3, 1e-3),
     "vera": ({}, 1e-2, 5e-3),
@@ -66,7 +66,7 @@ METHODS: dict[str, tuple[dict, float, float]] = {
     "prefix_tuning": ({}, 1e-2, 1e-2),
 }
 TASKS = {
-    "sst2": dict(model="minilm-l6", steps=125, batch=32, max_length=64, warmup=12),
+    "sst2": dict(model="minilm-l6", steps=250, batch=32, max_length=64, warmup=25),
     "e2e": dict(model="smollm2-135m", steps=60, batch=8, max_length=160, warmup=6),
 }
 
@@ -285,7 +285,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     ap.add_argument("--methods", nargs="+", default=None, help="default: every method not measured yet")
     ap.add_argument("--rerun", action="store_true", help="measure again methods that have results")
-    ap.add_argument("--sst2-train", type=int, default=4000)
+    ap.add_argument("--sst2-train", type=int, default=8000)
     ap.add_argument("--e2e-eval", type=int, default=30)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--no-write", action="store_true")
