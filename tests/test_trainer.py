@@ -265,3 +265,27 @@ def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path, tiny_folder, d
     plain, ckpt, bf16 = losses.values()
     assert ckpt == pytest.approx(plain, abs=1e-4)  # checkpointing recomputes the same numbers
     assert bf16[0] == pytest.approx(plain[0], rel=0.02) and bf16[0] != plain[0]  # bfloat16 really was used
+
+
+def test_sparse_ft_gradient_mask_is_calibrated_by_the_trainer_on_a_fresh_run(tmp_path, tiny_folder, data_files):
+    """mask="gradient" (GPS) under the Trainer: the first batches choose the indices, as calibrate_sparse would."""
+    from deltatune.methods.sparse_ft import calibrate_sparse
+
+    cfg = dt.config("sparse_ft", mask="gradient", density=0.05, calibration_batches=2)
+    model, tok = dt.load_pretrained(tiny_folder)
+    dm = dt.attach(model, cfg)
+    before = {p: d.sparse_ft_indices.clone() for p, d in dm.deltas("default").items()}
+    ds = load_dataset(data_files["pc"], tok, max_length=32)
+    trainer = Trainer(dm, ds, TrainConfig(steps=2, batch_size=2, lr=1e-3), tmp_path / "out", collate=Collator(tok),
+                      progress=False)
+    # the same calibration by hand, on an identical model and the trainer's first two batches
+    ref_model, _ = dt.load_pretrained(tiny_folder)
+    ref = dt.attach(ref_model, cfg)
+    batches = [Collator(tok)([ds[j] for j in b]) for b in trainer._batches(0)[:2]]
+    ref.train()
+    expected = calibrate_sparse(ref, "default", batches, loss_fn=lambda m, b: causal_lm_loss(ref.model, b))
+    trainer.train()
+    after = {p: d.sparse_ft_indices for p, d in dm.deltas("default").items()}
+    assert any(not torch.equal(before[p], after[p]) for p in after)  # not the magnitude mask any more
+    for p in after:
+        assert torch.equal(after[p], expected[p]), p

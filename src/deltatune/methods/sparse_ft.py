@@ -57,6 +57,7 @@ class SparseFTConfig(DeltaConfig):
 
     density: float = Field(0.01, gt=0.0, le=1.0)
     mask: Literal["magnitude", "random", "gradient"] = "magnitude"
+    calibration_batches: int = Field(8, gt=0)  # mask="gradient" under the Trainer: batches used to calibrate
 
     def supports(self, module: nn.Module) -> bool:
         return is_linear(module)
@@ -72,6 +73,25 @@ class SparseFTConfig(DeltaConfig):
         else:  # "gradient" starts from the magnitude mask until calibrate_sparse re-selects
             idx = top_indices(w.abs(), k)
         return SparseFT(tuple(w.shape), idx.to("cpu"), is_conv1d(module))
+
+    def training_callbacks(self, dm: Any, name: str) -> list[Any]:
+        """With ``mask="gradient"``, a fresh Trainer run first calibrates the mask (GPS) on its own first
+        ``calibration_batches`` batches; a resumed run keeps the indices of its checkpoint."""
+        if self.mask != "gradient":
+            return []
+        from ..train.trainer import Callback
+
+        n = self.calibration_batches
+
+        class _Calibrate(Callback):
+            def on_train_begin(self, trainer) -> None:
+                if trainer.start_step != 0:
+                    return
+                order = trainer._batches(0)[:n]
+                batches = [trainer.collate([trainer.train_data[j] for j in b]) for b in order]
+                calibrate_sparse(trainer.dm, name, batches, loss_fn=lambda _model, batch: trainer.loss(batch))
+
+        return [_Calibrate()]
 
     def calibrate(self, dm: DeltaModel, name: str, batches: Iterable[Any],
                   loss_fn: Callable[[Any, Any], Tensor] | None = None) -> None:

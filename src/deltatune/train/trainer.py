@@ -217,6 +217,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self._enable_checkpointing()
         self.dm.train()
+        self.start_step = state["step"]  # 0 on a fresh run; callbacks may read it in on_train_begin
         for cb in self.callbacks:
             cb.on_train_begin(self)
         stream = self._stream(state["epoch"], state["index"])
