@@ -41,6 +41,18 @@ from ..core.targeting import is_linear
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def check_patterns(rank_pattern: dict[str, int], alpha_pattern: dict[str, float]) -> None:
+    """Validate per-module ``rank_pattern`` / ``alpha_pattern`` (regex keys, positive ranks)."""
+    for k, v in rank_pattern.items():
+        if v <= 0:
+            raise ValueError(f"rank_pattern[{k!r}] must be > 0, got {v}")
+    for k in list(rank_pattern) + list(alpha_pattern):
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise ValueError(f"pattern {k!r} is not a valid regex: {e}") from None
+
+
 def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     """The value of the first pattern whose regex matches ``path`` or one of its dotted suffixes."""
     for key, value in patterns.items():
@@ -68,14 +80,7 @@ class LoRAConfig(DeltaConfig):
 
     @model_validator(mode="after")
     def _check(self) -> LoRAConfig:
-        for k, v in self.rank_pattern.items():
-            if v <= 0:
-                raise ValueError(f"rank_pattern[{k!r}] must be > 0, got {v}")
-        for k in list(self.rank_pattern) + list(self.alpha_pattern):
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise ValueError(f"pattern {k!r} is not a valid regex: {e}") from None
+        check_patterns(self.rank_pattern, self.alpha_pattern)
         return self
 
     def rank(self, path: str) -> int:

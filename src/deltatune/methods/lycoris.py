@@ -29,7 +29,6 @@ numerics are PEFT's (``hada_w1_a`` ... ``hada_t2``, ``lokr_w1`` ... ``lokr_t2``)
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -41,7 +40,7 @@ from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.registry import register
 from ..core.targeting import is_linear
-from .lora import pattern_value
+from .lora import check_patterns, pattern_value
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 
@@ -76,14 +75,7 @@ class _LycorisConfig(DeltaConfig):
 
     @model_validator(mode="after")
     def _check_patterns(self):
-        for k, v in self.rank_pattern.items():
-            if v <= 0:
-                raise ValueError(f"rank_pattern[{k!r}] must be > 0, got {v}")
-        for k in list(self.rank_pattern) + list(self.alpha_pattern):
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise ValueError(f"pattern {k!r} is not a valid regex: {e}") from None
+        check_patterns(self.rank_pattern, self.alpha_pattern)
         return self
 
     def rank(self, path: str) -> int:
