@@ -225,9 +225,9 @@ def report(results: dict[str, dict], args) -> None:
                    f"{lora['score']:.2f} vs full {full['score']:.2f} (gap {gap:+.2f}), {lora['percent']:.2f}% "
                    f"trained: {'met' if ok else 'MISSED'}.")
         print(verdict)
-    plot(results)
     if args.no_write:
         return
+    plot(results)
     body = [
         "## Method comparison (`benchmarks/methods.py`)",
         "",

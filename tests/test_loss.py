@@ -49,5 +49,7 @@ def test_bf16_autocast_close_to_float32():
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match=r"\(N, d\)"):
         linear_cross_entropy(torch.randn(2, 3, 4), torch.randn(5, 4), None, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 5\)"):
+        linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), None, torch.tensor([1, -100]))
     with pytest.raises(ValueError, match="no labelled"):
         linear_cross_entropy(torch.randn(0, 4), torch.randn(5, 4), None, torch.zeros(0, dtype=torch.long))

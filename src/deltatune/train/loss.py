@@ -97,6 +97,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          f"{tuple(targets.shape)}")
     if h.shape[0] == 0:
         raise ValueError("linear_cross_entropy: no labelled positions in the batch")
+    if targets.min() < 0 or targets.max() >= weight.shape[0]:
+        raise ValueError(f"linear_cross_entropy: targets must lie in [0, {weight.shape[0]}) (drop ignored positions, "
+                         f"e.g. -100, before calling); got min {int(targets.min())}, max {int(targets.max())}")
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     if grads:
         return _LinearCrossEntropy.apply(h, weight, bias, targets, chunk)
