@@ -19,14 +19,6 @@ from peft import PeftModel, get_peft_model
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 import deltatune as dt
 from deltatune.methods.bitfit import BitFitConfig
@@ -34,6 +26,7 @@ from deltatune.methods.ia3 import IA3, IA3Config
 from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.sparse_ft import SparseFT, SparseFTConfig, calibrate_sparse
 from deltatune.methods.ssf import SSFConfig
+from tiny_models import tiny
 
 ATOL = 1e-5
 
@@ -48,24 +41,16 @@ def randomise(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return randomise(LlamaForCausalLM(cfg))
+def tiny_llama(seed: int = 0) -> nn.Module:
+    return randomise(tiny("llama", seed))
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
-    return randomise(GPT2LMHeadModel(cfg))
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    return randomise(tiny("gpt2", seed))
 
 
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
-    return randomise(BertForSequenceClassification(cfg))
+def tiny_bert(seed: int = 0) -> nn.Module:
+    return randomise(tiny("bert", seed))
 
 
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}

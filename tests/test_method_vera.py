@@ -21,18 +21,11 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.methods.mora import MoRA, mora_rank
+from tiny_models import tiny as tiny_model
 
 ATOL = 1e-5
 
@@ -47,17 +40,8 @@ def _biases(model: nn.Module) -> nn.Module:
 
 
 def tiny(kind: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2,
-                                            max_position_embeddings=64)).eval()
-    if kind == "gpt2":
-        return _biases(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                  bos_token_id=1, eos_token_id=2)))
-    return _biases(BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                                            num_attention_heads=4, intermediate_size=64,
-                                                            max_position_embeddings=64, num_labels=3)))
+    model = tiny_model(kind, seed)
+    return model if kind == "llama" else _biases(model)
 
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj", "c_fc"],
