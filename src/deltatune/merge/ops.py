@@ -24,11 +24,31 @@ Register with ``@op("name", ...)``; ``apply(name, tensors, base, **params)`` val
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .sparsify import (
+    _check_density,
+    _check_rescale,
+    _combine,
+    _out,
+    _per_model,
+    _pruned,
+    _work_dtype,
+    bernoulli_mask,
+    magnitude_mask,
+    magprune_keep,
+    outlier_mask,
+    pcb_balance,
+    rescale_masked,
+    sign_consensus,
+    spectral_truncate,
+    task_vectors,
+)
 
 
 @dataclass(frozen=True)
@@ -122,58 +142,7 @@ def apply(name: str, tensors: Sequence[Tensor], base: Tensor | None = None, *, s
     return spec.fn(tensors, base, **kwargs)
 
 
-# -- helpers shared by the operators -----------------------------------------------------------------
-def _work_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def task_vectors(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
-    """Stack ``tau_i = theta_i - theta_base``: shape ``(n_models, *base.shape)``, float32."""
-    dt = _work_dtype(base)
-    b = base.to(dt)
-    return torch.stack([t.to(dt) - b for t in tensors])
-
-
-def _per_model(values: Sequence[float], like: Tensor) -> Tensor:
-    """Weights as a tensor broadcastable against a stack of task vectors ``like``."""
-    w = torch.tensor(list(values), dtype=like.dtype, device=like.device)
-    return w.view(-1, *([1] * (like.dim() - 1)))
-
-
-def magnitude_mask(tau: Tensor, density: float) -> Tensor:
-    """Keep the ``density`` fraction of entries of ``tau`` with the largest |value| (bool mask)."""
-    if density >= 1:
-        return torch.ones_like(tau, dtype=torch.bool)
-    k = int(density * tau.numel())
-    if k <= 0:
-        return torch.zeros_like(tau, dtype=torch.bool)
-    idx = tau.abs().flatten().topk(k, sorted=False).indices
-    mask = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
-    mask[idx] = True
-    return mask.view_as(tau)
-
-
-def sign_consensus(taus: Tensor, method: str = "sum") -> Tensor:
-    """TIES' elected sign per entry and the mask of task-vector entries that agree with it.
-
-    ``sum``: the sign of the summed (weighted) task vectors (the paper's, mergekit's default);
-    ``count``: the majority of signs. Zero sums elect +.
-    """
-    sign = taus.sign()
-    if method == "sum":
-        elected = torch.where(taus.sum(0) >= 0, 1.0, -1.0).to(taus.dtype)
-    elif method == "count":
-        elected = torch.where(sign.sum(0) >= 0, 1.0, -1.0).to(taus.dtype)
-    else:
-        raise ValueError(f"consensus must be 'sum' or 'count', got {method!r}")
-    return sign == elected
-
-
-def _out(x: Tensor, like: Tensor) -> Tensor:
-    return x.to(like.dtype)
-
-
-# -- operators ------------------------------------------------------------------------------------
+# -- averaging and task arithmetic ------------------------------------------------------------------
 @op("linear", needs_base=False)
 def linear(tensors, base, *, weight: list[float] | None = None, normalize: bool = True) -> Tensor:
     """Weighted average of models (model soups): ``sum_i w_i theta_i / sum_i w_i``
@@ -197,33 +166,250 @@ def task_arithmetic(tensors, base, *, weight: list[float] | None = None, normali
 
     Negative weights subtract a task (forgetting by negation). ``normalize`` divides by ``sum_i w_i``.
     """
-    taus = task_vectors(tensors, base)
-    w = _per_model(weight, taus)
-    mixed = (taus * w).sum(0)
-    if normalize:
-        total = float(sum(weight))
-        mixed = mixed / (total if abs(total) >= 1e-8 else 1.0)
-    return _out(base.to(mixed.dtype) + lambda_ * mixed, base)
+    return _combine(task_vectors(tensors, base), base, weight, consensus=None, normalize=normalize,
+                    lambda_=lambda_)
 
 
+# -- magnitude sparsification: TIES, magnitude pruning, breadcrumbs -----------------------------------
 @op("ties", per_model=("weight", "density"))
 def ties(tensors, base, *, weight: list[float] | None = None, density: list[float] | None = 1.0,
-         normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum") -> Tensor:
+         normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum", rescale: str = "none") -> Tensor:
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
     ``tau_i`` keeps its top-``density_i`` entries by magnitude; ``gamma = sign(sum_i w_i tau_i)``;
     ``theta = theta_base + lambda * sum_i w_i tau_i [sign(tau_i) = gamma] / sum_i w_i [sign(tau_i) = gamma]``
     (the division is skipped with ``normalize=False``; entries no model keeps stay at the base).
+    ``rescale: l1`` rescales each trimmed ``tau_i`` to its L1 norm (mergekit's ``rescale: true``).
     """
+    _check_density("ties", density)
+    _check_rescale("ties", rescale, ("none", "l1"))
+    taus = _pruned(tensors, base, density, lambda tau, i: magnitude_mask(tau, density[i]), rescale)
+    return _combine(taus, base, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+@op("magnitude_prune", per_model=("weight", "density"))
+def magnitude_prune(tensors, base, *, weight: list[float] | None = None, density: list[float] | None = 1.0,
+                    normalize: bool = False, lambda_: float = 1.0, rescale: str = "none") -> Tensor:
+    """Task arithmetic on magnitude-pruned task vectors: ``tau_i`` keeps its top-``density_i`` entries by
+    ``|tau_i|`` (``k = max(1, int(density N))``), then ``theta = theta_base + lambda * sum_i w_i tau_i``
+    (``/ sum_i w_i`` with ``normalize``). TIES without the sign election."""
+    _check_density("magnitude_prune", density)
+    _check_rescale("magnitude_prune", rescale, ("none", "l1"))
+    taus = _pruned(tensors, base, density, lambda tau, i: magnitude_mask(tau, density[i]), rescale)
+    return _combine(taus, base, weight, consensus=None, normalize=normalize, lambda_=lambda_)
+
+
+def _breadcrumbs(name, tensors, base, weight, density, gamma, normalize, lambda_, rescale, consensus):
+    _check_density(name, density)
+    _check_rescale(name, rescale, ("none", "l1"))
+    for i, g in enumerate(gamma):
+        if not 0 <= g < 1:
+            raise ValueError(f"{name}: gamma must be in [0, 1), got {g} for model {i}")
+    taus = _pruned(tensors, base, density, lambda tau, i: outlier_mask(tau, density[i], gamma[i]), rescale)
+    return _combine(taus, base, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+@op("breadcrumbs", per_model=("weight", "density", "gamma"))
+def breadcrumbs(tensors, base, *, weight: list[float] | None = None, density: list[float] | None = 1.0,
+                gamma: list[float] | None = 0.01, normalize: bool = False, lambda_: float = 1.0,
+                rescale: str = "none") -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023): each ``tau_i`` loses its largest ``gamma_i`` fraction
+    (outliers) and its smallest entries, keeping ``density_i`` of them (see ``outlier_mask``); then task
+    arithmetic ``theta = theta_base + lambda * sum_i w_i tau_i`` (``/ sum_i w_i`` with ``normalize``).
+    Defaults are mergekit's (``density=1`` keeps everything: give a density)."""
+    return _breadcrumbs("breadcrumbs", tensors, base, weight, density, gamma, normalize, lambda_, rescale, None)
+
+
+@op("breadcrumbs_ties", per_model=("weight", "density", "gamma"))
+def breadcrumbs_ties(tensors, base, *, weight: list[float] | None = None, density: list[float] | None = 1.0,
+                     gamma: list[float] | None = 0.01, normalize: bool = False, lambda_: float = 1.0,
+                     rescale: str = "none", consensus: str = "sum") -> Tensor:
+    """Breadcrumbs masks, then TIES' sign election and disjoint merge (see ``ties``)."""
+    return _breadcrumbs("breadcrumbs_ties", tensors, base, weight, density, gamma, normalize, lambda_,
+                        rescale, consensus)
+
+
+# -- random drops: DARE, DELLA ----------------------------------------------------------------------
+def _dare(name, tensors, base, weight, density, how, normalize, lambda_, consensus, generator):
+    _check_density(name, density)
+    _check_rescale(name, how, ("inverse", "l1", "none"))
     taus = task_vectors(tensors, base)
     for i, d in enumerate(density):
-        taus[i] = taus[i] * magnitude_mask(taus[i], d)
-    w = _per_model(weight, taus)
-    taus = taus * w
-    agree = sign_consensus(taus, consensus).to(taus.dtype)
-    mixed = (taus * agree).sum(0)
-    if normalize:
-        divisor = (w * agree).sum(0)
-        divisor[divisor == 0] = 1
-        mixed = mixed / divisor
+        if d < 1:  # one draw per model, in model order: the same RNG stream as mergekit's
+            taus[i] = rescale_masked(taus[i], bernoulli_mask(d, taus[i], generator), how, keep=d)
+    return _combine(taus, base, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+@op("dare_linear", per_model=("weight", "density"), random=True)
+def dare_linear(tensors, base, *, weight: list[float] | None = None, density: list[float] | None = 1.0,
+                rescale: str = "inverse", normalize: bool = False, lambda_: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """DARE (Yu et al. 2024), drop and rescale, then task arithmetic.
+
+    Each entry of ``tau_i`` is dropped with probability ``p = 1 - density_i``: ``m ~ Bernoulli(1 - p)``,
+    ``tau_i' = m * tau_i / (1 - p)`` (``rescale: inverse``, the paper's, unbiased: ``E[tau_i'] = tau_i``;
+    ``l1``: mergekit's norm matching; ``none``); ``theta = theta_base + lambda * sum_i w_i tau_i'``
+    (``/ sum_i w_i`` with ``normalize``). Seeded by ``generator``.
+    """
+    return _dare("dare_linear", tensors, base, weight, density, rescale, normalize, lambda_, None, generator)
+
+
+@op("dare_ties", per_model=("weight", "density"), random=True)
+def dare_ties(tensors, base, *, weight: list[float] | None = None, density: list[float] | None = 1.0,
+              rescale: str = "inverse", normalize: bool = False, lambda_: float = 1.0, consensus: str = "sum",
+              generator: torch.Generator | None = None) -> Tensor:
+    """DARE's drop and rescale (see ``dare_linear``), then TIES' sign election and disjoint merge (``ties``).
+    ``normalize`` defaults to mergekit's ``false`` for this method."""
+    return _dare("dare_ties", tensors, base, weight, density, rescale, normalize, lambda_, consensus, generator)
+
+
+def _della(name, tensors, base, weight, density, epsilon, how, normalize, lambda_, consensus, generator):
+    _check_density(name, density)
+    _check_rescale(name, how, ("inverse", "l1", "none"))
+    for i, (d, e) in enumerate(zip(density, epsilon)):
+        if d < 1 and not (e >= 0 and d - e > 0 and d + e <= 1):
+            raise ValueError(f"{name}: epsilon must keep density +/- epsilon within (0, 1]; got density {d}, "
+                             f"epsilon {e} for model {i}")
+    taus = task_vectors(tensors, base)
+    for i, d in enumerate(density):
+        if d < 1:
+            keep = magprune_keep(taus[i], d, epsilon[i])
+            taus[i] = rescale_masked(taus[i], bernoulli_mask(keep, taus[i], generator), how, keep=keep)
+    return _combine(taus, base, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+@op("della", per_model=("weight", "density", "epsilon"), random=True)
+def della(tensors, base, *, weight: list[float] | None = None, density: list[float] | None = 1.0,
+          epsilon: list[float] | None = 0.15, rescale: str = "inverse", normalize: bool = True,
+          lambda_: float = 1.0, consensus: str = "sum", generator: torch.Generator | None = None) -> Tensor:
+    """DELLA-merging (Deep et al. 2024): MagPrune, then TIES' sign election and disjoint merge.
+
+    MagPrune keeps entry ``k`` of ``tau_i`` with probability ``p_k = density_i - epsilon_i +
+    2 epsilon_i r_k / (n - 1)``, ``r_k`` its magnitude rank within its row (0 = smallest; see
+    ``magprune_keep``), and rescales survivors by ``1 / p_k`` (``rescale: inverse``, the paper's;
+    ``l1``: mergekit's; ``none``). Seeded by ``generator``.
+    """
+    return _della("della", tensors, base, weight, density, epsilon, rescale, normalize, lambda_, consensus,
+                  generator)
+
+
+@op("della_linear", per_model=("weight", "density", "epsilon"), random=True)
+def della_linear(tensors, base, *, weight: list[float] | None = None, density: list[float] | None = 1.0,
+                 epsilon: list[float] | None = 0.15, rescale: str = "inverse", normalize: bool = False,
+                 lambda_: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """DELLA's MagPrune (see ``della``), then task arithmetic ``theta_base + lambda * sum_i w_i tau_i'``."""
+    return _della("della_linear", tensors, base, weight, density, epsilon, rescale, normalize, lambda_, None,
+                  generator)
+
+
+# -- geometry: SLERP, Model Stock ------------------------------------------------------------------
+@op("slerp", needs_base=False, per_model=(), n_models=2)
+def slerp(tensors, base, *, t: float | None = None, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """Spherical linear interpolation between two models (mergekit's convention: ``t = 0`` gives
+    ``tensors[0]``, ``t = 1`` gives ``tensors[1]``).
+
+    With ``a, b`` the flattened tensors and ``cos(Omega) = a.b / (|a| |b|)``:
+    ``slerp = sin((1 - t) Omega) / sin(Omega) a + sin(t Omega) / sin(Omega) b``; when
+    ``|cos(Omega)| > dot_threshold`` (nearly colinear or opposite) it falls back to ``(1 - t) a + t b``.
+    """
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+        raise ValueError(f"slerp: parameter 't' (a number; 0 gives the first model) is required, got {t!r}")
+    dt = _work_dtype(tensors[0])
+    a, b = (x.to(dt).flatten() for x in tensors)
+    if a.numel() == 0:
+        return tensors[0].clone()
+    na, nb = a.norm(), b.norm()
+    na, nb = (torch.where(x > eps, x, 1) for x in (na, nb))
+    dot = float(((a / na) * (b / nb)).sum().clamp(-1, 1))
+    if abs(dot) > dot_threshold:
+        out = (1 - t) * a + t * b
+    else:
+        omega = math.acos(dot)
+        s = math.sin(omega)
+        out = (math.sin((1 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b
+    return _out(out.view(tensors[0].shape), tensors[0])
+
+
+@op("model_stock", per_model=())
+def model_stock(tensors, base, *, filter_wise: bool = False) -> Tensor:
+    """Model Stock (Jang et al. 2024): interpolate the average of ``k >= 2`` fine-tuned models towards
+    the base by their angle.
+
+    ``cos`` = the mean over pairs ``i < j`` of ``cos(tau_i, tau_j)``; ``t = k cos / (1 + (k - 1) cos)``;
+    ``theta = t * mean_i(theta_i) + (1 - t) * theta_base``. As mergekit: the angle is over the whole
+    tensor (``filter_wise``: per row, i.e. along the last dimension; a 1-D tensor is one row), and where
+    ``1 + (k - 1) cos`` vanishes ``t = 0`` (the base).
+    """
+    k = len(tensors)
+    if k < 2:
+        raise ValueError(f"model_stock needs at least 2 fine-tuned models besides the base, got {k}")
+    dt = _work_dtype(base)
+    shape = base.shape
+    w0 = base.to(dt)
+    ws = [x.to(dt) for x in tensors]
+    if not filter_wise:
+        w0, ws = w0.reshape(-1), [x.reshape(-1) for x in ws]
+    elif w0.dim() < 2:
+        w0, ws = w0.reshape(1, -1), [x.reshape(1, -1) for x in ws]
+    taus = [x - w0 for x in ws]
+    cos = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            norms = (taus[i].norm(dim=-1) * taus[j].norm(dim=-1)).clamp(min=1e-6)
+            cos.append(((taus[i] * taus[j]).sum(dim=-1) / norms).clamp(-1, 1))
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    denom = 1 + (k - 1) * c
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, 0, k * c / torch.where(singular, 1, denom))
+    avg = torch.stack(ws).mean(0)
+    return _out((t * avg + (1 - t) * w0).reshape(shape), base)
+
+
+# -- balancing and spectral: PCB, STAR -------------------------------------------------------------
+@op("pcb", per_model=("weight", "density"))
+def pcb(tensors, base, *, weight: list[float] | None = 1.0, density: list[float] | None = 0.1,
+        lambda_: float = 1.0) -> Tensor:
+    """PCB-merging (Du et al. 2024, Parameter Competition Balancing).
+
+    From the task vectors ``d_i``, the balancing matrix ``b_i = b_intra_i * b_inter_i`` with
+    ``b_intra_i = Softmax(n * Norm(d_i * d_i))`` and ``b_inter_i = sum_j Softmax(Norm(d_i * d_j))``
+    (Norm: min-max over the tensor's entries; Softmax over them); drop: ``b_hat_i = b_i`` on the top
+    ``density_i`` (the paper's ratio ``r``) of ``b_i``, 0 elsewhere (see ``sparsify.pcb_balance``); merge:
+
+        theta = theta_base + lambda * sum_i w_i b_hat_i d_i / sum_i b_hat_i
+
+    (entries no model keeps stay at the base; ``w_i = 1`` is the paper's). Per tensor, as mergekit
+    works; the official code balances the whole flattened model, clamps outliers and uses exp/tanh in
+    place of the softmaxes.
+    """
+    _check_density("pcb", density)
+    taus = task_vectors(tensors, base)
+    b_hat = pcb_balance(taus, density)
+    total = b_hat.sum(0)
+    mixed = (b_hat * taus * _per_model(weight, taus)).sum(0) / torch.where(total > 0, total, 1)
     return _out(base.to(mixed.dtype) + lambda_ * mixed, base)
+
+
+@op("star", per_model=("weight",))
+def star(tensors, base, *, weight: list[float] | None = 1.0, eta: float = 0.4, normalize: bool = True,
+         lambda_: float = 1.0) -> Tensor:
+    """STAR (Lee et al. 2025, Spectral Truncation And Rescale).
+
+    Each task matrix ``tau_i = U diag(s) V^T`` keeps the fewest top singular values holding ``eta`` of
+    its nuclear norm (``sum_{k<=r} s_k >= eta sum_k s_k``), rescaled by ``sum_k s_k / sum_{k<=r} s_k`` to
+    restore it (see ``sparsify.spectral_truncate``); tensors with more than 2 dimensions are taken as
+    ``(shape[0], -1)`` matrices, 1-D ones are kept whole. Then the paper's average:
+
+        theta = theta_base + lambda * sum_i w_i tau_i' / sum_i w_i       (``normalize=False``: no division)
+    """
+    if not isinstance(eta, (int, float)) or not 0 < eta <= 1:
+        raise ValueError(f"star: eta is the fraction of the nuclear norm kept, in (0, 1] (0.4 = 40%), got {eta!r}")
+    taus = task_vectors(tensors, base)
+    if taus.dim() >= 3:
+        for i in range(taus.shape[0]):
+            m = taus[i].reshape(taus.shape[1], -1)
+            taus[i] = spectral_truncate(m, eta).view(taus.shape[1:])
+    return _combine(taus, base, weight, consensus=None, normalize=normalize, lambda_=lambda_)
+
+
+__all__ = ["OpSpec", "apply", "available", "get", "magnitude_mask", "op", "sign_consensus", "task_vectors"]
