@@ -19,6 +19,10 @@ Signature of an operator::
 - Random operators (DARE, DELLA) take a ``generator``: the same seed gives the same merge.
 
 Register with ``@op("name", ...)``; ``apply(name, tensors, base, **params)`` validates and calls.
+Operators: linear, task_arithmetic, ties, magnitude_prune, breadcrumbs(_ties), dare_linear/dare_ties,
+della(_linear), slerp, model_stock, pcb, star. Defaults are mergekit's where it has the method, except
+DARE/DELLA's ``rescale: inverse`` (the papers'; mergekit's ``rescale: true`` is ``rescale: l1``);
+mergekit's ``lambda`` is ``lambda_`` here. Masks and rescales live in ``sparsify.py``.
 """
 
 from __future__ import annotations
