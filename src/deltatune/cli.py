@@ -149,6 +149,65 @@ def merge_adapter(
     print(json.dumps({"out": str(out)}))
 
 
+def _target_spec(s: str | None):
+    """``all-linear``, comma-separated names/suffixes (or one plain name), else a regex."""
+    if s is None or s == "all-linear":
+        return s
+    return [x.strip() for x in s.split(",")] if "," in s or re.fullmatch(r"[\w.\-]+", s) else s
+
+
+@app.command("extract-lora")
+def extract_lora(
+    base: str = typer.Option(..., "--base", help="Base model: HF folder of safetensors (or a short name)."),
+    tuned: str = typer.Option(..., "--tuned", help="Fully fine-tuned model: HF folder of safetensors."),
+    rank: int | None = typer.Option(None, "--rank", help="LoRA rank (with --energy: the largest allowed)."),
+    energy: float | None = typer.Option(None, "--energy",
+                                        help="Per module, the smallest rank keeping this fraction of sum s_i^2."),
+    targets: str = typer.Option("all-linear", "--targets",
+                                help="all-linear, a regex, or comma-separated names/suffixes (q_proj,v_proj)."),
+    exclude: str | None = typer.Option(None, "--exclude"),
+    out: Path = typer.Option(..., "--out", help="Folder for the PEFT-format LoRA (+ extract_report.json)."),
+):
+    """Extract a LoRA from a full fine-tune: truncated SVD of each weight difference (B A ~ W_tuned - W_base).
+
+    Example: deltatune extract-lora --base base/ --tuned tuned/ --rank 16 --out lora/
+    """
+    from .merge.extract import extract_lora as run
+
+    try:
+        report = run(base, tuned, out, rank=rank, energy=energy, targets=_target_spec(targets),
+                     exclude=_target_spec(exclude))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+    print(json.dumps(report))
+
+
+@app.command()
+def compress(
+    adapter: Path = typer.Argument(..., help="Adapter folder (adapter_config.json + adapter_model.safetensors)."),
+    method: str = typer.Option(..., "--method", help="compeft, dare, rank or int8."),
+    density: float = typer.Option(0.1, "--density", help="compeft/dare: fraction of entries kept, in (0, 1]."),
+    rank: int | None = typer.Option(None, "--rank", help="rank: the new LoRA rank."),
+    seed: int = typer.Option(0, "--seed", help="dare: random seed."),
+    alpha: float = typer.Option(1.0, "--alpha", help="compeft: scale multiplier (scale = alpha * std)."),
+    per_tensor: bool = typer.Option(False, "--per-tensor", help="int8: one scale per tensor instead of per row."),
+    model: str | None = typer.Option(None, "--model", help="Also report the logits difference on this model."),
+    out: Path = typer.Option(..., "--out", help="Folder for the compressed adapter (+ compress_report.json)."),
+):
+    """Compress an adapter (ComPEFT, DARE, LoRA rank truncation, int8); loads with dt.load_adapter as is.
+
+    Example: deltatune compress runs/e2e --method compeft --density 0.1 --out runs/e2e-compeft
+    """
+    from .merge.compress import compress_adapter
+
+    try:
+        report = compress_adapter(adapter, out, method=method, density=density, rank=rank, seed=seed, alpha=alpha,
+                                  per_row=not per_tensor, model=model)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+    print(json.dumps(report))
+
+
 @app.command()
 def demo(
     steps: int = typer.Option(None, "--steps", help="Training steps (default: the demo's tuned value)."),

@@ -167,6 +167,7 @@ def read_weights(folder: Path, allow_pickle: bool = False, prefix: str = PREFIX)
             tensors = torch.load(pickled[0], map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
             raise AdapterFileError(f"{pickled[0]}: cannot be read ({e})") from None
+    tensors = _decompress(folder, tensors)
     out = {}
     for k, t in tensors.items():
         k = k[len(prefix):] if k.startswith(prefix) else k
@@ -175,6 +176,14 @@ def read_weights(folder: Path, allow_pickle: bool = False, prefix: str = PREFIX)
             continue
         out[k] = t
     return out
+
+
+def _decompress(folder: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Decode a compressed adapter (a ``compression`` entry in its config: ComPEFT, DARE, int8; see
+    :mod:`deltatune.merge.compress`); other adapters pass through unchanged."""
+    from ..merge.compress import decode_folder
+
+    return decode_folder(folder, tensors)
 
 
 def load_adapter_into(dm: DeltaModel, path: str | os.PathLike, name: str | None = None, *,

@@ -1,0 +1,343 @@
+"""Compress a saved adapter: ComPEFT, DARE, LoRA rank truncation, int8.
+
+- ``compeft`` (Yadav et al. 2023, "ComPEFT"): per tensor tau, keep the top-``density`` entries by magnitude
+  and replace each by its sign times one scale: ``tau' = alpha * sigma(tau) * sign(tau) * m`` (m the top-k
+  mask, sigma the population std of the whole original tensor, alpha a multiplier, default 1). For LoRA the
+  compressed tensors are the A and B factors (ComPEFT compresses the PEFT parameters themselves), so the
+  delta becomes ``s B' A'``.
+- ``dare`` (Yu et al. 2024): drop each entry with probability ``p = 1 - density`` and rescale the survivors by
+  ``1 / (1 - p)`` (seeded); on LoRA factors as for ComPEFT.
+- ``rank``: LoRA truncated to rank k by SVD of ``s B A`` (exact, via QR of the factors: O((out + in) r^2));
+  the result is a plain, smaller LoRA that PEFT loads too.
+- ``int8``: absmax 8-bit per row (per tensor with ``per_row=False``): ``x ~ q * scale``, ``scale = max|x| / 127``,
+  ``q = round(x / scale)``, so ``|x - q scale| <= scale / 2``.
+
+ComPEFT and DARE apply to the LoRA-family factors (``lora_A``, ``lora_B``, ``lora_embedding_*``, AdaLoRA's
+``lora_E``); other tensors (DoRA magnitudes, saved modules) are kept as they are. int8 applies to every
+floating-point tensor.
+
+Stored layout (compeft, dare, int8): ``adapter_model.safetensors`` holds, for an encoded tensor ``K``::
+
+    compeft: K.compeft_mask  uint8 [ceil(n/8)]  bit (p % 8), LSB first, of byte p // 8 set <=> flat entry p kept
+             K.compeft_sign  uint8 [ceil(k/8)]  one bit per kept entry, in flat order; 1 = negative
+             K.compeft_scale float32 [1]        alpha * sigma(tau)
+    dare:    K.dare_mask     uint8 as above;    K.dare_values  [k] (K's dtype) kept entries / density
+    int8:    K.int8_q        int8, K's shape;   K.int8_scale   float32 [rows] (rows = shape[0], or [1])
+
+and ``adapter_config.json`` a ``compression`` entry ``{"method", "format", "params", "peft_type", "tensors":
+{K: {"shape", "dtype"}}}``; unencoded tensors keep their keys. Its ``peft_type`` is set to
+``DELTATUNE_COMPRESSED`` (the original is kept in the entry) so PEFT refuses the folder instead of loading
+an adapter with missing weights; :func:`decode_folder`, called by ``deltatune.io.adapter.read_weights``,
+decodes on load, so ``dt.load_adapter`` needs no flag.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+from torch import Tensor, nn
+
+from ..io.adapter import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    AdapterFileError,
+    atomic_write_all,
+    read_config,
+    read_weights,
+)
+from ..methods.lora import LoRAConfig
+from .extract import truncate_lora
+from .ops import magnitude_mask
+
+METHODS = ("compeft", "dare", "rank", "int8")
+CODEC_FORMAT = 1
+REPORT_NAME = "compress_report.json"
+COMPRESSED_PEFT_TYPE = "DELTATUNE_COMPRESSED"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_PARTS = {"compeft": ("compeft_mask", "compeft_sign", "compeft_scale"), "dare": ("dare_mask", "dare_values"),
+          "int8": ("int8_q", "int8_scale")}
+
+
+# -- bit packing ----------------------------------------------------------------------------------
+def pack_bits(bits: Tensor) -> Tensor:
+    """Bool vector -> uint8 [ceil(n/8)], bit i % 8 (LSB first) of byte i // 8."""
+    n = bits.numel()
+    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)
+    padded[:n] = bits.flatten().to(torch.uint8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` bits as a bool vector."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((packed.to(torch.uint8)[:, None] >> shifts) & 1).flatten()[:n].bool()
+
+
+# -- codecs: encode(t) -> parts; decode(parts, shape, dtype) -> t ------------------------------------
+def compeft_encode(t: Tensor, density: float, alpha: float = 1.0) -> dict[str, Tensor]:
+    x = t.detach().float().flatten()
+    mask = magnitude_mask(x, density) & (x != 0)
+    scale = alpha * float(x.std(correction=0)) if x.numel() else 0.0
+    return {"compeft_mask": pack_bits(mask), "compeft_sign": pack_bits(x[mask] < 0),
+            "compeft_scale": torch.tensor([scale], dtype=torch.float32)}
+
+
+def compeft_decode(parts: dict[str, Tensor], shape: list[int], dtype: torch.dtype) -> Tensor:
+    n = math.prod(shape)
+    mask = unpack_bits(_sized(parts, "compeft_mask", (n + 7) // 8), n)
+    k = int(mask.sum())
+    neg = unpack_bits(_sized(parts, "compeft_sign", (k + 7) // 8), k)
+    scale = _sized(parts, "compeft_scale", 1).float()
+    out = torch.zeros(n, dtype=torch.float32)
+    out[mask] = torch.where(neg, -scale, scale)
+    return out.view(shape).to(dtype)
+
+
+def dare_encode(t: Tensor, density: float, generator: torch.Generator) -> dict[str, Tensor]:
+    x = t.detach().flatten()
+    keep = torch.rand(x.numel(), generator=generator) < density
+    return {"dare_mask": pack_bits(keep), "dare_values": (x[keep].float() / density).to(t.dtype)}
+
+
+def dare_decode(parts: dict[str, Tensor], shape: list[int], dtype: torch.dtype) -> Tensor:
+    n = math.prod(shape)
+    mask = unpack_bits(_sized(parts, "dare_mask", (n + 7) // 8), n)
+    out = torch.zeros(n, dtype=dtype)
+    out[mask] = _sized(parts, "dare_values", int(mask.sum())).to(dtype)
+    return out.view(shape)
+
+
+def int8_encode(t: Tensor, per_row: bool = True) -> dict[str, Tensor]:
+    rows = t.shape[0] if per_row and t.dim() >= 2 else 1
+    x = t.detach().float().reshape(rows, -1)
+    scale = x.abs().amax(1) / 127
+    q = torch.round(x / torch.where(scale > 0, scale, 1.0)[:, None]).clamp(-127, 127)
+    return {"int8_q": q.to(torch.int8).view(t.shape), "int8_scale": scale}
+
+
+def int8_decode(parts: dict[str, Tensor], shape: list[int], dtype: torch.dtype) -> Tensor:
+    q = parts["int8_q"]
+    if list(q.shape) != list(shape) or q.dtype != torch.int8:
+        raise ValueError(f"int8_q is {q.dtype} {list(q.shape)}, expected int8 {shape}")
+    scale = parts["int8_scale"].float().flatten()
+    if scale.numel() not in (1, shape[0] if shape else 1):
+        raise ValueError(f"int8_scale has {scale.numel()} values for {shape[0] if shape else 1} rows")
+    rows = scale.numel()
+    return (q.float().reshape(rows, -1) * scale[:, None]).view(shape).to(dtype)
+
+
+_DECODERS = {"compeft": compeft_decode, "dare": dare_decode, "int8": int8_decode}
+
+
+def _sized(parts: dict[str, Tensor], name: str, n: int) -> Tensor:
+    t = parts[name].flatten()
+    if t.numel() != n:
+        raise ValueError(f"{name} has {t.numel()} values, expected {n}")
+    return t
+
+
+# -- decoding a folder (the read-path hook) -----------------------------------------------------------
+def decode(tensors: dict[str, Tensor], entry: Any, where: str) -> dict[str, Tensor]:
+    """The adapter's plain tensors from a file's ``tensors`` and its config's ``compression`` entry."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("tensors"), dict):
+        raise AdapterFileError(f"{where}: malformed 'compression' entry (expected an object with 'method' and "
+                               f"'tensors')")
+    method = entry.get("method")
+    if method not in _DECODERS:
+        raise AdapterFileError(f"{where}: unknown compression method {method!r}; deltatune decodes "
+                               f"{', '.join(_DECODERS)}")
+    if not isinstance(entry.get("format"), int) or entry["format"] > CODEC_FORMAT:
+        raise AdapterFileError(f"{where}: compression format {entry.get('format')!r} is not readable by this "
+                               f"release (reads format {CODEC_FORMAT})")
+    out = dict(tensors)
+    for key, spec in entry["tensors"].items():
+        names = _PARTS[method]
+        try:
+            parts = {n: out.pop(f"{key}.{n}") for n in names}
+        except KeyError as e:
+            raise AdapterFileError(f"{where}: compressed tensor {key!r}: part {e.args[0]!r} is missing") from None
+        try:
+            shape = [int(s) for s in spec["shape"]]
+            dtype = _DTYPES[spec["dtype"]]
+            out[key] = _DECODERS[method](parts, shape, dtype)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise AdapterFileError(f"{where}: compressed tensor {key!r} ({method}) cannot be decoded: {e}") from None
+    stray = [k for k in out if any(k.endswith("." + n) for ns in _PARTS.values() for n in ns)]
+    if stray:
+        raise AdapterFileError(f"{where}: tensor(s) {stray[:3]} look encoded but the 'compression' entry does not "
+                               f"list them")
+    return out
+
+
+def decode_folder(folder: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` decoded if ``folder``'s adapter_config.json has a ``compression`` entry, else unchanged."""
+    file = folder / CONFIG_NAME
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return tensors  # read_config reports a missing or broken config
+    if not isinstance(data, dict) or "compression" not in data:
+        return tensors
+    return decode(tensors, data["compression"], str(folder / WEIGHTS_NAME))
+
+
+# -- compressing ----------------------------------------------------------------------------------
+def _is_factor(key: str) -> bool:
+    """A LoRA-family factor (compressed by compeft/dare); DoRA magnitudes and saved modules are not."""
+    return any(p.startswith("lora_") and p != "lora_magnitude_vector" for p in key.split(".")[-2:])
+
+
+def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, method: str, density: float = 0.1,
+                     rank: int | None = None, seed: int = 0, alpha: float = 1.0, per_row: bool = True,
+                     model: str | os.PathLike | nn.Module | None = None) -> dict[str, Any]:
+    """Write a compressed copy of the adapter folder ``adapter`` to ``out``; return the report (also saved
+    as ``out/compress_report.json``): size ratio, relative change of the delta, and with ``model`` (a
+    model spec or module) the logits difference on a fixed random batch. Nothing is written on error.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in ("compeft", "dare") and not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if method == "rank" and (rank is None or rank <= 0):
+        raise ValueError(f"method 'rank' needs rank > 0, got {rank}")
+    src, dst = Path(adapter), Path(out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: adapter folder not found")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"{dst}: the output folder must differ from the adapter folder")
+    cfg = read_config(src)
+    tensors = read_weights(src, prefix="")
+    data = json.loads((src / CONFIG_NAME).read_text())
+    if "compression" in data:  # compressing a compressed adapter: start from its decoded form
+        data["peft_type"] = data.pop("compression").get("peft_type")
+    if isinstance(cfg, LoRAConfig):  # a loaded LoRA's files always describe plain factors
+        scaling = cfg.scaling
+    else:
+        scaling = None
+
+    params: dict[str, Any] = {}
+    new_cfg, entry, stored = cfg, None, {}
+    if method == "rank":
+        new_cfg, decoded = truncate_lora(cfg, tensors, rank, str(src))
+        data.update({"r": new_cfg.r, "rank_pattern": new_cfg.rank_pattern})
+        stored, params = decoded, {"rank": rank}
+        scaling_new = new_cfg.scaling
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        pick = _is_factor if method in ("compeft", "dare") else (lambda k: True)
+        todo = [k for k in sorted(tensors) if pick(k) and tensors[k].is_floating_point() and tensors[k].numel()]
+        if not todo:
+            raise ValueError(f"{src}: no tensor to compress with {method} (it compresses LoRA-family factors "
+                             f"lora_A/lora_B/...; this {cfg.type} adapter has {sorted(tensors)[:3]})")
+        params = {"compeft": {"density": density, "alpha": alpha}, "dare": {"density": density, "seed": seed},
+                  "int8": {"per_row": per_row}}[method]
+        stored = {k: v for k, v in tensors.items() if k not in todo}
+        specs = {}
+        for k in todo:
+            t = tensors[k]
+            parts = (compeft_encode(t, density, alpha) if method == "compeft" else
+                     dare_encode(t, density, gen) if method == "dare" else int8_encode(t, per_row))
+            stored.update({f"{k}.{n}": p.contiguous() for n, p in parts.items()})
+            specs[k] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        entry = {"method": method, "format": CODEC_FORMAT, "params": params, "peft_type": data.get("peft_type"),
+                 "tensors": specs}
+        decoded = decode(stored, entry, "(encoded in memory)")
+        scaling_new = scaling
+    report: dict[str, Any] = {"method": method, "params": params, "adapter": str(src), "out": str(dst)}
+    report.update(delta_change(tensors, decoded, cfg.peft_prefix, scaling, scaling_new))
+    # ||theta' - theta|| / ||theta|| over the stored parameters (rank truncation changes their shapes)
+    report["param_rel_change"] = None if method == "rank" else _rel([(tensors[k], decoded[k]) for k in tensors])
+    if model is not None:
+        report["logits"] = compare_outputs(model, src, new_cfg, decoded)
+
+    from .. import __version__
+
+    if "deltatune" not in data or method == "rank":
+        data["deltatune"] = {"type": new_cfg.type, "format": FORMAT_VERSION, "version": __version__,
+                             "config": new_cfg.saved_config().to_dict()}
+    if entry is not None:
+        data["compression"] = entry
+        data["peft_type"] = COMPRESSED_PEFT_TYPE
+    before = (src / WEIGHTS_NAME).stat().st_size
+    blob = save(stored, metadata={"format": "pt"})  # adapters are small: serialise once, measure, then write
+    report.update({"bytes_before": before, "bytes_after": len(blob), "size_ratio": len(blob) / before})
+    text, report_text = json.dumps(data, indent=2, sort_keys=True), json.dumps(report, indent=2)
+    atomic_write_all({dst / WEIGHTS_NAME: lambda f: f.write_bytes(blob), dst / CONFIG_NAME: lambda f: f.write_text(text),
+                      dst / REPORT_NAME: lambda f: f.write_text(report_text)})
+    return report
+
+
+def _rel(pairs: list[tuple[Tensor, Tensor]]) -> float:
+    num = sum(float((b.double() - a.double()).pow(2).sum()) for a, b in pairs)
+    den = sum(float(a.double().pow(2).sum()) for a, _ in pairs)
+    return math.sqrt(num / den) if den else 0.0
+
+
+def delta_change(old: dict[str, Tensor], new: dict[str, Tensor], prefix: str, scaling, scaling_new) -> dict[str, Any]:
+    """``||dW' - dW||_F / ||dW||_F`` over all LoRA modules (``dW = s B A``), and the worst module's."""
+    if scaling is None:
+        return {"delta_rel_change": None, "delta_rel_change_max": None}
+    pairs, worst = [], 0.0
+    for key in sorted(old):
+        for a_name, b_name in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+            if not key.endswith("." + a_name):
+                continue
+            stem = key[: -len(a_name)]
+            path = stem[:-1].removeprefix(prefix)
+            if stem + b_name not in old:
+                continue
+            dw = scaling(path) * (old[stem + b_name].flatten(1).double() @ old[key].flatten(1).double())
+            dw2 = scaling_new(path) * (new[stem + b_name].flatten(1).double() @ new[key].flatten(1).double())
+            pairs.append((dw, dw2))
+            worst = max(worst, _rel([(dw, dw2)]))
+    if not pairs:
+        return {"delta_rel_change": None, "delta_rel_change_max": None}
+    return {"delta_rel_change": _rel(pairs), "delta_rel_change_max": worst}
+
+
+def compare_outputs(model: str | os.PathLike | nn.Module, src: Path, new_cfg, new_tensors: dict[str, Tensor],
+                    *, batch: tuple[int, int] = (2, 16), seed: int = 0) -> dict[str, Any]:
+    """Max / mean |logits(original adapter) - logits(compressed)| on a fixed random token batch."""
+    from ..core.model import DeltaModel, owner_of
+
+    if not isinstance(model, nn.Module):
+        from ..models import load_pretrained
+
+        model = load_pretrained(model)[0]
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, batch, generator=torch.Generator().manual_seed(seed))
+    prefix = new_cfg.peft_prefix
+    state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in new_tensors.items()}
+    dm = owner_of(model) or DeltaModel(model)
+    before_active, names = dm.active, ("compress_original", "compress_new")
+    try:
+        dm.load(src, names[0])
+        dm.add(dm.configs[names[0]].model_copy(update=_changed(new_cfg)), names[1], trainable=False, state=state)
+        outs = []
+        with torch.no_grad():
+            for n in names:
+                dm.activate(n)
+                o = dm(input_ids=ids)
+                outs.append((o.logits if hasattr(o, "logits") else o[0]).float())
+    finally:
+        for n in names:
+            if n in dm.configs:
+                dm.delete(n)
+        if before_active and dm.configs:
+            dm.activate(before_active)
+    diff = (outs[1] - outs[0]).abs()
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "batch": list(batch),
+            "seed": seed}
+
+
+def _changed(cfg) -> dict[str, Any]:
+    """The fields rank truncation changes (applied to the config as loaded on the model)."""
+    return {"r": cfg.r, "rank_pattern": cfg.rank_pattern} if isinstance(cfg, LoRAConfig) else {}
