@@ -190,7 +190,7 @@ def compress(
     rank: int | None = typer.Option(None, "--rank", help="rank: the new LoRA rank."),
     seed: int = typer.Option(0, "--seed", help="dare: random seed."),
     alpha: float = typer.Option(1.0, "--alpha", help="compeft: scale multiplier (scale = alpha * std)."),
-    per_tensor: bool = typer.Option(False, "--per-tensor", help="int8: one scale per tensor instead of per row."),
+    per_tensor: bool = typer.Option(False, "--per-tensor", help="int8: one scale per tensor, not per channel."),
     model: str | None = typer.Option(None, "--model", help="Also report the logits difference on this model."),
     out: Path = typer.Option(..., "--out", help="Folder for the compressed adapter (+ compress_report.json)."),
 ):
@@ -202,7 +202,7 @@ def compress(
 
     try:
         report = compress_adapter(adapter, out, method=method, density=density, rank=rank, seed=seed, alpha=alpha,
-                                  per_row=not per_tensor, model=model)
+                                  per_channel=not per_tensor, model=model)
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(e)
     print(json.dumps(report))

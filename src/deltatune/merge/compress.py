@@ -9,8 +9,10 @@
   ``1 / (1 - p)`` (seeded); on LoRA factors as for ComPEFT.
 - ``rank``: LoRA truncated to rank k by SVD of ``s B A`` (exact, via QR of the factors: O((out + in) r^2));
   the result is a plain, smaller LoRA that PEFT loads too.
-- ``int8``: absmax 8-bit per row (per tensor with ``per_row=False``): ``x ~ q * scale``, ``scale = max|x| / 127``,
-  ``q = round(x / scale)``, so ``|x - q scale| <= scale / 2``.
+- ``int8``: absmax 8-bit per channel (per tensor with ``per_channel=False``): ``x ~ q * scale``,
+  ``scale = max|x| / 127`` over the channel, ``q = round(x / scale)``, so ``|x - q scale| <= scale / 2``. A tensor
+  is seen as (shape[0], rest) and its channels run along the shorter side: for LoRA, one scale per rank
+  channel (the rows of A (r, in), the columns of B (out, r)), so the scales cost almost nothing.
 
 ComPEFT and DARE apply to the LoRA-family factors (``lora_A``, ``lora_B``, ``lora_embedding_*``, AdaLoRA's
 ``lora_E``); other tensors (DoRA magnitudes, saved modules) are kept as they are. int8 applies to every
@@ -22,7 +24,7 @@ Stored layout (compeft, dare, int8): ``adapter_model.safetensors`` holds, for an
              K.compeft_sign  uint8 [ceil(k/8)]  one bit per kept entry, in flat order; 1 = negative
              K.compeft_scale float32 [1]        alpha * sigma(tau)
     dare:    K.dare_mask     uint8 as above;    K.dare_values  [k] (K's dtype) kept entries / density
-    int8:    K.int8_q        int8, K's shape;   K.int8_scale   float32 [rows] (rows = shape[0], or [1])
+    int8:    K.int8_q        int8, K's shape;   K.int8_scale   float32 [channels] (see int8_axis) or [1]
 
 and ``adapter_config.json`` a ``compression`` entry ``{"method", "format", "params", "peft_type", "tensors":
 {K: {"shape", "dtype"}}}``; unencoded tensors keep their keys. Its ``peft_type`` is set to
@@ -115,11 +117,23 @@ def dare_decode(parts: dict[str, Tensor], shape: list[int], dtype: torch.dtype) 
     return out.view(shape)
 
 
-def int8_encode(t: Tensor, per_row: bool = True) -> dict[str, Tensor]:
-    rows = t.shape[0] if per_row and t.dim() >= 2 else 1
-    x = t.detach().float().reshape(rows, -1)
-    scale = x.abs().amax(1) / 127
-    q = torch.round(x / torch.where(scale > 0, scale, 1.0)[:, None]).clamp(-127, 127)
+def int8_axis(shape: list[int] | tuple[int, ...]) -> tuple[int, int, int]:
+    """``(rows, cols, axis)`` of a tensor seen as (shape[0], rest); per-channel scales run along the shorter
+    side (``axis`` 0: one per row, 1: one per column), so for LoRA there is one scale per rank channel."""
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = math.prod(shape) // rows if rows else 0
+    return rows, cols, 0 if rows <= cols else 1
+
+
+def int8_encode(t: Tensor, per_channel: bool = True) -> dict[str, Tensor]:
+    rows, cols, axis = int8_axis(tuple(t.shape))
+    x = t.detach().float().reshape(rows, cols)
+    if per_channel:
+        scale = x.abs().amax(1 - axis) / 127
+    else:
+        scale = x.abs().amax().reshape(1) / 127
+    s = scale.view(-1, 1) if per_channel and axis == 0 else scale.view(1, -1)
+    q = torch.round(x / torch.where(s > 0, s, 1.0)).clamp(-127, 127)
     return {"int8_q": q.to(torch.int8).view(t.shape), "int8_scale": scale}
 
 
@@ -127,11 +141,13 @@ def int8_decode(parts: dict[str, Tensor], shape: list[int], dtype: torch.dtype) 
     q = parts["int8_q"]
     if list(q.shape) != list(shape) or q.dtype != torch.int8:
         raise ValueError(f"int8_q is {q.dtype} {list(q.shape)}, expected int8 {shape}")
+    rows, cols, axis = int8_axis(shape)
     scale = parts["int8_scale"].float().flatten()
-    if scale.numel() not in (1, shape[0] if shape else 1):
-        raise ValueError(f"int8_scale has {scale.numel()} values for {shape[0] if shape else 1} rows")
-    rows = scale.numel()
-    return (q.float().reshape(rows, -1) * scale[:, None]).view(shape).to(dtype)
+    channels = (rows, cols)[axis]
+    if scale.numel() not in (1, channels):
+        raise ValueError(f"int8_scale has {scale.numel()} values; expected 1 or {channels}")
+    s = scale.view(-1, 1) if scale.numel() > 1 and axis == 0 else scale.view(1, -1)
+    return (q.float().reshape(rows, cols) * s).view(shape).to(dtype)
 
 
 _DECODERS = {"compeft": compeft_decode, "dare": dare_decode, "int8": int8_decode}
@@ -160,10 +176,10 @@ def decode(tensors: dict[str, Tensor], entry: Any, where: str) -> dict[str, Tens
     out = dict(tensors)
     for key, spec in entry["tensors"].items():
         names = _PARTS[method]
-        try:
-            parts = {n: out.pop(f"{key}.{n}") for n in names}
-        except KeyError as e:
-            raise AdapterFileError(f"{where}: compressed tensor {key!r}: part {e.args[0]!r} is missing") from None
+        missing = [n for n in names if f"{key}.{n}" not in out]
+        if missing:
+            raise AdapterFileError(f"{where}: compressed tensor {key!r}: part {missing[0]!r} is missing")
+        parts = {n: out.pop(f"{key}.{n}") for n in names}
         try:
             shape = [int(s) for s in spec["shape"]]
             dtype = _DTYPES[spec["dtype"]]
@@ -196,7 +212,7 @@ def _is_factor(key: str) -> bool:
 
 
 def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, method: str, density: float = 0.1,
-                     rank: int | None = None, seed: int = 0, alpha: float = 1.0, per_row: bool = True,
+                     rank: int | None = None, seed: int = 0, alpha: float = 1.0, per_channel: bool = True,
                      model: str | os.PathLike | nn.Module | None = None) -> dict[str, Any]:
     """Write a compressed copy of the adapter folder ``adapter`` to ``out``; return the report (also saved
     as ``out/compress_report.json``): size ratio, relative change of the delta, and with ``model`` (a
@@ -238,13 +254,13 @@ def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, meth
             raise ValueError(f"{src}: no tensor to compress with {method} (it compresses LoRA-family factors "
                              f"lora_A/lora_B/...; this {cfg.type} adapter has {sorted(tensors)[:3]})")
         params = {"compeft": {"density": density, "alpha": alpha}, "dare": {"density": density, "seed": seed},
-                  "int8": {"per_row": per_row}}[method]
+                  "int8": {"per_channel": per_channel}}[method]
         stored = {k: v for k, v in tensors.items() if k not in todo}
         specs = {}
         for k in todo:
             t = tensors[k]
             parts = (compeft_encode(t, density, alpha) if method == "compeft" else
-                     dare_encode(t, density, gen) if method == "dare" else int8_encode(t, per_row))
+                     dare_encode(t, density, gen) if method == "dare" else int8_encode(t, per_channel))
             stored.update({f"{k}.{n}": p.contiguous() for n, p in parts.items()})
             specs[k] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
         entry = {"method": method, "format": CODEC_FORMAT, "params": params, "peft_type": data.get("peft_type"),
