@@ -211,6 +211,26 @@ def _is_factor(key: str) -> bool:
     return any(p.startswith("lora_") and p != "lora_magnitude_vector" for p in key.split(".")[-2:])
 
 
+def encode(tensors: dict[str, Tensor], method: str, *, density: float = 0.1, alpha: float = 1.0, seed: int = 0,
+           per_channel: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(stored tensors, compression entry)`` for ``compeft``/``dare``/``int8`` (see the module doc); tensors
+    the method does not apply to are stored as they are. :func:`decode` inverts it (up to the method's loss)."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = _is_factor if method in ("compeft", "dare") else (lambda k: True)
+    todo = [k for k in sorted(tensors) if pick(k) and tensors[k].is_floating_point() and tensors[k].numel()]
+    stored = {k: v for k, v in tensors.items() if k not in todo}
+    specs = {}
+    for k in todo:
+        t = tensors[k]
+        parts = (compeft_encode(t, density, alpha) if method == "compeft" else
+                 dare_encode(t, density, gen) if method == "dare" else int8_encode(t, per_channel))
+        stored.update({f"{k}.{n}": p.contiguous() for n, p in parts.items()})
+        specs[k] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    params = {"compeft": {"density": density, "alpha": alpha}, "dare": {"density": density, "seed": seed},
+              "int8": {"per_channel": per_channel}}[method]
+    return stored, {"method": method, "format": CODEC_FORMAT, "params": params, "tensors": specs}
+
+
 def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, method: str, density: float = 0.1,
                      rank: int | None = None, seed: int = 0, alpha: float = 1.0, per_channel: bool = True,
                      model: str | os.PathLike | nn.Module | None = None) -> dict[str, Any]:
@@ -234,37 +254,20 @@ def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, meth
     data = json.loads((src / CONFIG_NAME).read_text())
     if "compression" in data:  # compressing a compressed adapter: start from its decoded form
         data["peft_type"] = data.pop("compression").get("peft_type")
-    if isinstance(cfg, LoRAConfig):  # a loaded LoRA's files always describe plain factors
-        scaling = cfg.scaling
-    else:
-        scaling = None
+    scaling = cfg.scaling if isinstance(cfg, LoRAConfig) else None  # saved LoRA files hold plain factors
 
-    params: dict[str, Any] = {}
-    new_cfg, entry, stored = cfg, None, {}
-    if method == "rank":
+    if method == "rank":  # a plain smaller LoRA: stored as it loads
         new_cfg, decoded = truncate_lora(cfg, tensors, rank, str(src))
         data.update({"r": new_cfg.r, "rank_pattern": new_cfg.rank_pattern})
-        stored, params = decoded, {"rank": rank}
-        scaling_new = new_cfg.scaling
+        stored, entry, params, scaling_new = decoded, None, {"rank": rank}, new_cfg.scaling
     else:
-        gen = torch.Generator().manual_seed(seed)
-        pick = _is_factor if method in ("compeft", "dare") else (lambda k: True)
-        todo = [k for k in sorted(tensors) if pick(k) and tensors[k].is_floating_point() and tensors[k].numel()]
-        if not todo:
+        new_cfg = cfg
+        stored, entry = encode(tensors, method, density=density, alpha=alpha, seed=seed, per_channel=per_channel)
+        params = entry["params"]
+        if not entry["tensors"]:
             raise ValueError(f"{src}: no tensor to compress with {method} (it compresses LoRA-family factors "
                              f"lora_A/lora_B/...; this {cfg.type} adapter has {sorted(tensors)[:3]})")
-        params = {"compeft": {"density": density, "alpha": alpha}, "dare": {"density": density, "seed": seed},
-                  "int8": {"per_channel": per_channel}}[method]
-        stored = {k: v for k, v in tensors.items() if k not in todo}
-        specs = {}
-        for k in todo:
-            t = tensors[k]
-            parts = (compeft_encode(t, density, alpha) if method == "compeft" else
-                     dare_encode(t, density, gen) if method == "dare" else int8_encode(t, per_channel))
-            stored.update({f"{k}.{n}": p.contiguous() for n, p in parts.items()})
-            specs[k] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-        entry = {"method": method, "format": CODEC_FORMAT, "params": params, "peft_type": data.get("peft_type"),
-                 "tensors": specs}
+        entry["peft_type"] = data.get("peft_type")
         decoded = decode(stored, entry, "(encoded in memory)")
         scaling_new = scaling
     report: dict[str, Any] = {"method": method, "params": params, "adapter": str(src), "out": str(dst)}
@@ -321,7 +324,8 @@ def delta_change(old: dict[str, Tensor], new: dict[str, Tensor], prefix: str, sc
 
 def compare_outputs(model: str | os.PathLike | nn.Module, src: Path, new_cfg, new_tensors: dict[str, Tensor],
                     *, batch: tuple[int, int] = (2, 16), seed: int = 0) -> dict[str, Any]:
-    """Max / mean |logits(original adapter) - logits(compressed)| on a fixed random token batch."""
+    """Max / mean |logits(original adapter) - logits(compressed)| on a fixed random token batch (a model
+    without logits, e.g. a bare encoder: its first output)."""
     from ..core.model import DeltaModel, owner_of
 
     if not isinstance(model, nn.Module):
