@@ -16,6 +16,7 @@ time; the model's module structure (which tensors are linear weights, which is t
 its ``config.json``, instantiated on the meta device (no memory, no weights). Tensors the LoRA does not
 cover but that changed (biases, norms, embeddings, the head, untargeted linears) are reported with their
 relative change, and the relative norm of everything the adapter cannot represent is reported too.
+The factors are saved in float32 whatever the checkpoints' dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, TargetSpec
@@ -207,12 +208,12 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
         "unrepresented_rel_norm": math.sqrt(missed_sq / total_sq) if total_sq else 0.0,
     }
     folder = Path(out)
-    config_text = json.dumps(config, indent=2, sort_keys=True)
-    report_text = json.dumps(report, indent=2)
-    atomic_write_all({folder / WEIGHTS_NAME: lambda f: save_file(tensors, str(f), metadata={"format": "pt"}),
+    blob = save(tensors, metadata={"format": "pt"})
+    report["adapter_bytes"] = len(blob)
+    config_text, report_text = json.dumps(config, indent=2, sort_keys=True), json.dumps(report, indent=2)
+    atomic_write_all({folder / WEIGHTS_NAME: lambda f: f.write_bytes(blob),
                       folder / CONFIG_NAME: lambda f: f.write_text(config_text),
                       folder / REPORT_NAME: lambda f: f.write_text(report_text)})
-    report["adapter_bytes"] = (folder / WEIGHTS_NAME).stat().st_size
     return report
 
 
