@@ -69,6 +69,7 @@ def test_exact_rank2_delta_is_reproduced_at_rank2(rank2):
     assert report["max_rel_error"] <= 1e-5 and report["unrepresented_rel_norm"] <= 1e-5
     assert len(report["unchanged_modules"]) == 12
     assert json.loads((root / "lora" / "extract_report.json").read_text())["modules"].keys() == report["modules"].keys()
+    assert report["adapter_bytes"] == (root / "lora" / "adapter_model.safetensors").stat().st_size
     dm = dt.load_adapter(tiny("llama"), root / "lora")
     torch.testing.assert_close(logits(dm), logits(fine_tune("llama", deltas)), atol=1e-5, rtol=0)
 
