@@ -56,7 +56,7 @@ from ..io.adapter import (
 )
 from ..methods.lora import LoRAConfig
 from .extract import truncate_lora
-from .ops import magnitude_mask
+from .sparsify import magnitude_mask
 
 METHODS = ("compeft", "dare", "rank", "int8")
 CODEC_FORMAT = 1
