@@ -188,3 +188,224 @@ def test_result_without_out_loads_with_dm_add(loras):
     dm = dt.DeltaModel(tiny("llama"))
     dm.add(res["config"], "combined", state=res["state"])
     assert_close(logits(dm), logits(by_hand(list(loras), [1, 1])), logits(tiny("llama")))
+
+
+@pytest.mark.parametrize("combination", ["cat", "svd"])
+def test_conv_and_gpt2_conv1d_loras_combine_exactly(tmp_path, zoo, combination):
+    """Conv LoRA (A carries the kernel) and GPT-2's Conv1D (weight stored (in, out)) through the same code."""
+    for kind, cfg in (("conv", dt.LoRAConfig(r=2, targets=["conv1", "conv2", "conv3"])),
+                      ("gpt2", dt.LoRAConfig(r=2, targets=["c_attn", "c_fc"]))):
+        build = (lambda k=kind: zoo.build(k)) if kind == "conv" else (lambda: tiny("gpt2"))
+        a = make(tmp_path / f"{kind}a", cfg, 1, model=build())
+        b = make(tmp_path / f"{kind}b", cfg.model_copy(update={"r": 3}), 2, model=build())
+        inputs = zoo.inputs("conv") if kind == "conv" else {"input_ids": IDS}
+        dm = dt.load_adapter(build(), a, "a")
+        dm.load(b, "b")
+        dm.activate(["a", "b"])
+        out = dt.combine([a, b], [1, 1], out=tmp_path / f"{kind}{combination}", combination=combination,
+                         rank=5 if combination == "svd" else None)
+        got = zoo.output(dt.load_adapter(build(), out), inputs)
+        assert_close(got, zoo.output(dm, inputs), zoo.output(build(), inputs))
+
+
+# -- IA3 ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ia3s(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ia3")
+    return tuple(make(root / n, dt.IA3Config(), s, positive=True) for n, s in (("a", 1), ("b", 2)))
+
+
+def test_ia3_log_space_is_the_weighted_geometric_mean(ia3s):
+    a, b = ia3s
+    fa, fb = read_weights(a), read_weights(b)
+    res = dt.combine([a, b], [0.6, 0.4])
+    for k, t in res["state"].items():
+        assert torch.allclose(t, torch.exp(0.6 * fa[k].log() + 0.4 * fb[k].log()), atol=1e-6), k
+
+
+def test_ia3_linear_space_is_the_papers_form(ia3s):
+    a, b = ia3s
+    fa, fb = read_weights(a), read_weights(b)
+    res = dt.combine([a, b], [0.6, -0.4], ia3_space="linear")
+    for k, t in res["state"].items():
+        assert torch.allclose(t, 1 + 0.6 * (fa[k] - 1) - 0.4 * (fb[k] - 1), atol=1e-6), k
+    neg = dt.negate(a, ia3_space="linear")
+    assert all(torch.allclose(t, 2 - fa[k]) for k, t in neg["state"].items())
+
+
+def test_ia3_log_space_sum_composes_and_negation_undoes(ia3s, tmp_path):
+    """Merged IA3 scalings multiply: log-space addition = applying both, log-space negation = 1 / l."""
+    a, b = ia3s
+    both = tiny("llama")
+    for folder in (a, b):  # merged one after the other (IA3 merges one adapter at a time)
+        both = dt.load_adapter(both, folder).merge_and_unload()
+    combined = loaded(dt.combine([a, b], [1, 1], out=tmp_path / "sum"))
+    assert_close(logits(combined), logits(both), logits(tiny("llama")))
+    undo = tiny("llama")
+    for folder in (a, dt.negate(a, tmp_path / "neg")):
+        undo = dt.load_adapter(undo, folder).merge_and_unload()
+    assert_close(logits(undo), logits(tiny("llama")))
+
+
+# -- bottleneck adapters, prompt tuning ----------------------------------------------------------------
+def test_houlsby_parameters_average_and_negation_flips_the_up_projection(tmp_path):
+    cfg = dt.config("adapter_houlsby")
+    a, b = make(tmp_path / "a", cfg, 1), make(tmp_path / "b", cfg, 2)
+    fa, fb = read_weights(a), read_weights(b)
+    out = dt.combine([a, b], [0.25, 0.75], out=tmp_path / "avg")
+    got = read_weights(out)
+    assert set(got) == set(fa)
+    for k, t in got.items():
+        assert torch.allclose(t, 0.25 * fa[k] + 0.75 * fb[k], atol=1e-6), k
+    assert not torch.allclose(logits(loaded(out)), logits(tiny("llama")))
+    neg = dt.negate(a)["state"]
+    for k, t in neg.items():
+        assert torch.equal(t, -fa[k] if ".adapter_up." in k else fa[k]), k
+
+
+def test_prompt_tuning_averages_and_refuses_negation(tmp_path):
+    cfg = dt.config("prompt_tuning", num_virtual_tokens=4)
+    a, b = make(tmp_path / "a", cfg, 1), make(tmp_path / "b", cfg, 2)
+    res = dt.combine([a, b], [0.5, 0.5], out=tmp_path / "avg")
+    want = 0.5 * (load_file(str(a / "adapter_model.safetensors"))["prompt_embeddings"]
+                  + load_file(str(b / "adapter_model.safetensors"))["prompt_embeddings"])
+    assert torch.allclose(load_file(str(res / "adapter_model.safetensors"))["prompt_embeddings"], want)
+    logits(loaded(res))  # loads and runs
+    with pytest.raises(ValueError, match="negative weights"):
+        dt.negate(a, tmp_path / "neg")
+    assert not (tmp_path / "neg").exists()
+
+
+# -- modules_to_save -----------------------------------------------------------------------------------
+def _bert_lora(folder: Path, seed: int, labels: int = 3) -> Path:
+    model = tiny("bert")
+    if labels != 3:
+        model.classifier = torch.nn.Linear(32, labels)
+    return make(folder, dt.LoRAConfig(r=2, targets=["query", "value"], modules_to_save=["classifier"]), seed,
+                model=model)
+
+
+def test_modules_to_save_are_averaged_with_the_weights(tmp_path):
+    a, b = _bert_lora(tmp_path / "a", 1), _bert_lora(tmp_path / "b", 2)
+    out = dt.combine([a, b], [0.5, 1.5], out=tmp_path / "c")
+    fa, fb, got = read_weights(a), read_weights(b), read_weights(out)
+    for k in ("classifier.weight", "classifier.bias"):
+        assert torch.allclose(got[k], (0.5 * fa[k] + 1.5 * fb[k]) / 2.0, atol=1e-6), k
+    mine = logits(loaded(out, "bert"))
+    peft = PeftModel.from_pretrained(tiny("bert"), str(out)).eval()
+    assert_close(logits(peft), mine, logits(tiny("bert")))
+
+
+def test_modules_to_save_of_different_shapes(tmp_path):
+    a, b = _bert_lora(tmp_path / "a", 1), _bert_lora(tmp_path / "b", 2, labels=2)
+    with pytest.raises(ValueError, match=r"'classifier'.*\(3,.*\(2,"):
+        dt.combine([a, b], [1, 1], out=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    first = dt.combine([a, b], [1, 1], keep_modules_to_save="first")
+    assert torch.equal(first["state"]["classifier.weight"], read_weights(a)["classifier.weight"])
+    none = dt.combine([a, b], [1, 1], keep_modules_to_save="none")
+    assert none["config"].modules_to_save is None and not any(k.startswith("classifier") for k in none["state"])
+
+
+# -- errors: a clear message, and nothing written ---------------------------------------------------------
+def _tampered(src: Path, dst: Path, key_end: str, shape: tuple[int, ...]) -> Path:
+    """A copy of ``src`` whose first tensor ending in ``key_end`` has another shape."""
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "adapter_model.safetensors"))
+    key = next(k for k in sorted(tensors) if k.endswith(key_end))
+    tensors[key] = torch.randn(shape)
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def zoo_of_adapters(tmp_path_factory, loras, ia3s) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("errors")
+    q2 = dt.LoRAConfig(r=2, targets=["q_proj"])
+    f = {"lora": loras[0], "ia3": ia3s[0],
+         "q2": make(root / "q2", q2, 1), "q3": make(root / "q3", q2.model_copy(update={"r": 3}), 2),
+         "v2": make(root / "v2", dt.LoRAConfig(r=2, targets=["v_proj"]), 3),
+         "dora": make(root / "dora", dt.config("dora", r=2, targets=["q_proj"]), 4),
+         "houlsby": make(root / "houlsby", dt.config("adapter_houlsby"), 5),
+         "mts": _bert_lora(root / "mts", 6)}
+    f["q2_wide"] = _tampered(f["q2"], root / "q2_wide", "q_proj.lora_A.weight", (2, 48))
+    f["houlsby_wide"] = _tampered(f["houlsby"], root / "houlsby_wide", "adapter_down.weight", (2, 48))
+    pickled = root / "pickled"
+    pickled.mkdir()
+    shutil.copy(f["q2"] / "adapter_config.json", pickled)
+    torch.save(load_file(str(f["q2"] / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    f["pickled"] = pickled
+    return f
+
+
+ERRORS = [
+    ([], [], {}, ValueError, "no adapters"),
+    (["q2"], [1, 1], {}, ValueError, "2 weights for 1 adapters"),
+    (["q2", "ia3"], [1, 1], {}, ValueError, "different methods.*lora.*ia3"),
+    (["q2", "v2"], [1, 1], {}, ValueError, r"different target modules.*q_proj.*v_proj"),
+    (["q2", "q3"], [1, 1], {"combination": "params"}, ValueError, r"q_proj'.*rank 2.*but 3.*equal ranks"),
+    (["q2", "q3"], [1, 1], {"method": "ties", "combination": "cat"}, ValueError, "'cat' is exact .* not 'ties'"),
+    (["q2", "q2_wide"], [1, 1], {}, ValueError, r"'model.layers.0.self_attn.q_proj'.*\(2, 32\).*\(2, 48\)"),
+    (["houlsby", "houlsby_wide"], [1, 1], {}, ValueError, r"'model.layers.0.mlp.down_proj'.*\(2, 32\).*\(2, 48\)"),
+    (["ia3"], [1], {"combination": "svd"}, ValueError, "is for LoRA adapters"),
+    (["q2"], [1], {"density": 0.5}, ValueError, r"unknown parameter.*density"),
+    (["dora", "dora"], [1, 1], {}, ValueError, "DoRA is not additive"),
+    (["mts", "mts"], [1, -1], {}, ValueError, "classifier.*sum to zero"),
+    (["q2", "missing"], [1, 1], {}, FileNotFoundError, "missing: adapter folder not found"),
+    (["pickled"], [1], {}, ValueError, "pickle file"),
+    (["q2"], [float("nan")], {}, ValueError, "finite"),
+]
+
+
+@pytest.mark.parametrize(("names", "weights", "kw", "exc", "match"), ERRORS,
+                         ids=["empty", "n-weights", "methods", "targets", "params-ranks", "cat-ties", "lora-shape",
+                              "houlsby-shape", "svd-ia3", "unknown-param", "dora", "mts-zero-sum", "missing",
+                              "pickle", "nan-weight"])
+def test_bad_input_is_refused_and_writes_nothing(zoo_of_adapters, tmp_path, names, weights, kw, exc, match):
+    folders = [zoo_of_adapters.get(n, tmp_path / n) for n in names]
+    kw = dict(kw)
+    method = kw.pop("method", "linear")
+    with pytest.raises(exc, match=match):
+        dt.combine(folders, weights, method, tmp_path / "out", **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no output folder and no temporary left behind"
+
+
+def test_pickle_loads_when_allowed_and_existing_output_is_kept(zoo_of_adapters, tmp_path):
+    out = dt.combine([zoo_of_adapters["pickled"]], [2.0], out=tmp_path / "c", allow_pickle=True)
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="not empty"):
+        dt.combine([zoo_of_adapters["q2"]], [1.0], out=out)
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    dt.combine([zoo_of_adapters["q2"]], [1.0], out=out, overwrite=True)
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+# -- command line ------------------------------------------------------------------------------------------
+def _cli(*args, code: int = 0):
+    result = CliRunner().invoke(app, ["combine", *map(str, args)])
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    return result
+
+
+def test_cli_combine_matches_the_library_and_prints_the_report(loras, tmp_path):
+    a, b = loras
+    res = _cli(a, b, "--weights", "1", "-0.5", "--out", tmp_path / "cli")
+    printed = json.loads(res.stdout)
+    assert printed["out"] == str(tmp_path / "cli") and printed["weights"] == [1.0, -0.5]
+    lib = dt.combine([a, b], [1, -0.5])
+    got = read_weights(tmp_path / "cli")
+    assert set(got) == set(lib["state"]) and all(torch.equal(got[k], lib["state"][k]) for k in got)
+    res = _cli(a, b, "--weights", "0.5,0.5", "--method", "ties", "--param", "density=0.5", "--combination", "svd",
+               "--rank", "2", "--out", tmp_path / "svd")
+    report = json.loads(res.stdout)
+    assert report["combination"] == "svd" and report["params"] == {"density": 0.5}
+    assert report["max_rel_error"] > 0 and all(m["rank"] == 2 for m in report["modules"].values())
+
+
+def test_cli_combine_errors_cleanly(loras, ia3s, tmp_path):
+    res = _cli(loras[0], ia3s[0], "--weights", "1", "1", "--out", tmp_path / "x", code=2)
+    assert "different methods" in res.stderr
+    res = _cli(loras[0], "--weights", "1", "--bogus", "--out", tmp_path / "x", code=2)
+    assert "unknown option --bogus" in res.stderr
+    assert not (tmp_path / "x").exists()
