@@ -23,6 +23,7 @@ from deltatune.merge import ops
 from tiny_models import tiny
 
 ATOL = 1e-5
+pytestmark = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments:UserWarning")  # PEFT on our section
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
 LORA_A = dict(r=4, alpha=8.0, targets=["q_proj", "v_proj", "down_proj", "embed_tokens"],
               rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3.0})
@@ -349,7 +350,7 @@ ERRORS = [
     (["houlsby", "houlsby_wide"], [1, 1], {}, ValueError, r"'model.layers.0.mlp.down_proj'.*\(2, 32\).*\(2, 48\)"),
     (["ia3"], [1], {"combination": "svd"}, ValueError, "is for LoRA adapters"),
     (["q2"], [1], {"density": 0.5}, ValueError, r"unknown parameter.*density"),
-    (["dora", "dora"], [1, 1], {}, ValueError, "DoRA is not additive"),
+    (["dora", "dora"], [1, 1], {"combination": "cat"}, ValueError, "DoRA is not additive"),
     (["mts", "mts"], [1, -1], {}, ValueError, "classifier.*sum to zero"),
     (["q2", "missing"], [1, 1], {}, FileNotFoundError, "missing: adapter folder not found"),
     (["pickled"], [1], {}, ValueError, "pickle file"),
@@ -409,3 +410,29 @@ def test_cli_combine_errors_cleanly(loras, ia3s, tmp_path):
     res = _cli(loras[0], "--weights", "1", "--bogus", "--out", tmp_path / "x", code=2)
     assert "unknown option --bogus" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+# -- every method ----------------------------------------------------------------------------------------
+METHODS = [m for m in dt.available_methods() if m != "union"]
+EXTRA = {"fourierft": {"n_frequency": 100}, "prompt_tuning": {"num_virtual_tokens": 4},
+         "prefix_tuning": {"num_virtual_tokens": 4}}
+WHOLE = {"ln_tuning", "prefix_tuning", "prompt_tuning"}  # no delta to negate
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_identity_average_and_double_negation(method, tmp_path):
+    """``combine([a], [1]) == a``, ``negate(negate(a)) == a`` (refused where nothing is a delta), and the
+    average of two adapters loads and changes the model."""
+    cfg = dt.config(method, **EXTRA.get(method, {}))
+    a, b = (make(tmp_path / n, cfg, s, positive=method == "ia3") for n, s in (("a", 1), ("b", 2)))
+    want = logits(loaded(a))
+    assert_close(logits(loaded(dt.combine([a], [1.0], out=tmp_path / "id"))), want)
+    avg = logits(loaded(dt.combine([a, b], [0.5, 0.5], out=tmp_path / "avg")))
+    assert torch.isfinite(avg).all() and (avg.shape != want.shape or (avg - want).abs().max() > 1e-4)
+    if method in WHOLE:
+        with pytest.raises(ValueError, match="negative weights"):
+            dt.negate(a, tmp_path / "n1")
+        return
+    twice = dt.negate(dt.negate(a, tmp_path / "n1"), tmp_path / "n2")
+    assert_close(logits(loaded(twice)), want)
+    assert (logits(loaded(tmp_path / "n1")) - want).abs().max() > 1e-3, "negation changes nothing"

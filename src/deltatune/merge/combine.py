@@ -17,6 +17,7 @@ LoRA (``dW = s B A``, ``s = alpha / r``, rsLoRA ``alpha / sqrt(r)``; B (out, r),
   ``||M - s' B' A'||_F / ||M||_F``.
 - ``combination="params"`` (Zhang et al.'s parameter arithmetic, approximate): equal ranks only;
   ``A' = op(A_i; |w_i|)``, ``B' = op(s_i / s' B_i; w_i)``: a negative weight negates B only, as in the paper.
+  The only way for DoRA (not additive: its magnitude vectors, whole tensors, are averaged), and its default.
 
 Other methods combine parameter by parameter (``combination=None``), by what each tensor is:
 
@@ -68,10 +69,10 @@ REPORT_NAME = "combine_report.json"
 COMBINATIONS = ("cat", "svd", "params")
 
 # what each saved tensor is, by the end of its key (see the module docstring)
-_SIGNED = re.compile(r"(lora_B\.weight|lora_embedding_B|adapter_up\.(weight|bias|W_right)|bitfit_bias|ssf_shift"
+_SIGNED = re.compile(r"(lora_B(\.weight)?|lora_embedding_B|adapter_up\.(weight|bias|W_right)|bitfit_bias|ssf_shift"
                      r"|vera_lambda_b|sparse_ft_values|hada_w1_a|lokr_w1|lokr_w1_a|mora_M|fourierft_spectrum"
                      r"|oft_R\.weight|boft_R)$")
-_PARTNER = re.compile(r"(lora_A\.weight|lora_embedding_A|lora_E|adapter_down\.\w+|adapter_up\.(phm_rule|W_left)"
+_PARTNER = re.compile(r"(lora_A(\.weight)?|lora_embedding_A|lora_E|adapter_down\.\w+|adapter_up\.(phm_rule|W_left)"
                       r"|vera_lambda_d|hada_w1_b|hada_w2_a|hada_w2_b|lokr_w2|lokr_w2_a|lokr_w2_b|lokr_w1_b)$")
 _SCALE = re.compile(r"(ia3_l|ssf_scale|boft_s)$")
 # config fields that may differ between adapters (they do not change what the tensors mean, or shapes tell)
@@ -123,7 +124,8 @@ def combine(adapters: Sequence[str | os.PathLike], weights: Sequence[float], met
     method: an operator name (``linear``, ``task_arithmetic``, ``ties``, ...); ``params``: its parameters
         (``density=0.5``, ``lambda_=1.0``, ``seed=0`` for random operators).
     combination: LoRA only: ``"cat"`` (exact), ``"svd"`` (any operator, then rank-``rank`` SVD) or ``"params"``
-        (Zhang et al.); ``None`` picks ``cat`` for linear/task_arithmetic, else ``svd``. Other methods: ``None``.
+        (Zhang et al.); ``None`` picks ``cat`` for linear/task_arithmetic, else ``svd`` (DoRA, which is not
+        additive: ``params``, its magnitudes averaged). Other methods: ``None``.
     ia3_space: ``"log"`` (default) or ``"linear"``, how IA3 scales combine.
     keep_modules_to_save: ``"average"`` (weighted average; shapes must agree), ``"first"`` or ``"none"``.
     out: the folder to write (atomically; with ``combine_report.json``); returns its path. ``None``: returns
@@ -156,7 +158,8 @@ def combine(adapters: Sequence[str | os.PathLike], weights: Sequence[float], met
     first = ads[0]
     lora = first.cfg.type in ("lora", "dora")
     if combination is None and lora:
-        combination = "cat" if method in ("linear", "task_arithmetic") else "svd"
+        exact = method in ("linear", "task_arithmetic")
+        combination = "params" if getattr(first.cfg, "use_dora", False) else "cat" if exact else "svd"
     if combination is not None and not lora:
         raise ValueError(f"combination={combination!r} is for LoRA adapters; {first.cfg.type} adapters combine "
                          f"parameter by parameter (combination=None)")
