@@ -139,6 +139,19 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("base_model.model."): t for k, t in load_file(str(folder / "adapter_model.safetensors")).items()}
 
 
+
+def test_a_peft_saved_adapter_combines_with_a_deltatune_one(loras, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    peft = get_peft_model(tiny("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_A["targets"],
+                                                    rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3.0},
+                                                    init_lora_weights=False))
+    peft.save_pretrained(str(tmp_path / "peft"), save_embedding_layers=False)
+    out = dt.combine([tmp_path / "peft", loras[1]], [1.0, -1.0], out=tmp_path / "c")
+    assert_close(logits(loaded(out)), logits(by_hand([tmp_path / "peft", loras[1]], [1.0, -1.0])),
+                 logits(tiny("llama")))
+
 # -- LoRA: SVD ---------------------------------------------------------------------------------------
 def _product(state: dict, cfg: dt.LoRAConfig, path: str) -> torch.Tensor:
     a, b = state.get(f"{path}.lora_A.weight"), state.get(f"{path}.lora_B.weight")

@@ -328,7 +328,7 @@ def _write(out: Path, cfg: DeltaConfig, state: dict[str, Tensor], report: dict, 
         atomic_write_all({
             tmp / WEIGHTS_NAME: lambda f: save_file(tensors, str(f), metadata={"format": "pt"}),
             tmp / CONFIG_NAME: lambda f: f.write_text(json.dumps(config, indent=2, sort_keys=True)),
-            tmp / REPORT_NAME: lambda f: f.write_text(json.dumps(report, indent=2)),
+            tmp / REPORT_NAME: lambda f: f.write_text(json.dumps(report, indent=2, default=str)),
         })
         if out.is_dir() and any(out.iterdir()):
             _check_out(out, overwrite)
