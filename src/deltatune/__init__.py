@@ -16,6 +16,7 @@ from .core.registry import available_methods, config, register
 from .core.site import Site
 from .core.targeting import inspect
 from .io.adapter import AdapterFileError
+from .merge.combine import combine, negate
 from .methods.lora import LoRAConfig
 
 __version__ = "0.1.0"
@@ -71,5 +72,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdapterFileError", "Delta", "DeltaConfig", "DeltaModel", "LoRAConfig", "MergeError", "ModuleCopy", "Site",
-    "attach", "available_methods", "calibrate_sparse", "config", "inspect", "load_adapter", "load_pretrained", "register",
+    "attach", "available_methods", "calibrate_sparse", "combine", "config", "inspect", "load_adapter", "load_pretrained",
+    "negate", "register",
 ]

@@ -207,6 +207,62 @@ def compress(
         _fail(e)
     print(json.dumps(report))
 
+def _number(s: str) -> float | None:
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def _param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--param expects key=value (e.g. density=0.5), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def combine(
+    adapters: list[str] = typer.Argument(..., help="Adapter folders (same method, same modules)."),
+    weights: str = typer.Option(..., "--weights", help="One weight per adapter: --weights 0.5 0.5 (or 0.5,0.5)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the combined adapter."),
+    method: str = typer.Option("linear", "--method", help="Merge operator: linear, task_arithmetic, ties, ..."),
+    combination: str | None = typer.Option(None, "--combination", help="LoRA: cat (exact), svd or params."),
+    rank: int | None = typer.Option(None, "--rank", help="Rank after --combination svd (default: the largest)."),
+    param: list[str] = typer.Option([], "--param", help="Operator parameter key=value, e.g. density=0.5 (repeatable)."),
+    ia3_space: str = typer.Option("log", "--ia3-space", help="IA3 scales: log or linear."),
+    keep_modules_to_save: str = typer.Option("average", "--keep-modules-to-save", help="average, first or none."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) adapter files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+):
+    """Combine adapters into one: weighted sums, negation (weight -1), TIES, ... Prints the report as JSON.
+
+    Example: deltatune combine A B --weights 0.5 0.5 --method ties --combination svd --rank 8 --out C
+    """
+    from .merge.combine import REPORT_NAME
+    from .merge.combine import combine as run
+
+    # click hands the values after the first one (and negative ones) over as arguments; numbers are weights
+    values = [x for x in weights.split(",") if x.strip()] + [a for a in adapters if _number(a) is not None]
+    folders = [a for a in adapters if _number(a) is None]
+    try:
+        bad = [a for a in folders if a.startswith("-")]
+        if bad:
+            raise ValueError(f"unknown option {bad[0]}")
+        ws = [_number(x) for x in values]
+        if None in ws:
+            raise ValueError(f"--weights must be numbers, got {weights!r}")
+        params = dict(_param(p) for p in param)
+        path = run(folders, ws, method, out, combination=combination, rank=rank, ia3_space=ia3_space,
+                   keep_modules_to_save=keep_modules_to_save, allow_pickle=allow_pickle, overwrite=overwrite, **params)
+        report = json.loads((path / REPORT_NAME).read_text())
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        _fail(e)
+    print(json.dumps({"out": str(path), **report}))
+
 
 @app.command()
 def demo(
