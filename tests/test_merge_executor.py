@@ -311,6 +311,16 @@ def test_bad_recipes_fail_before_any_output(zoo, tmp_path, bad, match):
     _no_output(tmp_path / "out")
 
 
+def test_recipe_reads_mergekit_spellings_and_yaml_exponents(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "merge_method: ties\nbase_model: b\nparameters: {lambda: 2, density: 5e-1}\n"
+        "models:\n  - model: m1+adapter\n    parameters: {weight: [0, 1]}\n  - {model: m2, weight: 1, density: 1e-1}\n")
+    r = load_recipe(tmp_path / "r.yaml")
+    assert r.models[0].ref.adapter == Path("adapter") and r.models[0].ref.path == Path("m1")
+    p = r.resolve("model.layers.3.mlp.weight", 0.5)
+    assert p == {"weight": [0.5, 1], "density": [0.5, 0.1], "lambda_": 2}
+
+
 def test_bad_yaml_and_missing_recipe_file(tmp_path):
     (tmp_path / "r.yaml").write_text("method: ties\nmodels: [\n")
     with pytest.raises(RecipeError, match="r.yaml: not valid YAML"):
@@ -324,12 +334,13 @@ def test_interrupted_merge_leaves_nothing_and_keeps_the_old_output(zoo, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    calls = []
+    calls, partial = [], []
     real = ops.apply
 
     def failing(name, *a, **k):
         calls.append(name)
-        if len(calls) == 8 + 1 + 10:  # past the dry runs, in the middle of the tensors
+        if len(calls) == 20:  # past the dry runs (2), halfway through the 39 tensors
+            partial.extend(tmp_path.glob(".out.partial-*/model-*.safetensors"))
             raise exc("injected")
         return real(name, *a, **k)
 
@@ -337,6 +348,7 @@ def test_interrupted_merge_leaves_nothing_and_keeps_the_old_output(zoo, tmp_path
     with pytest.raises(exc, match="injected"):
         merge({"method": "task_arithmetic", "base": str(zoo["base"]), "shard_size": "20KB",
                "models": [{"model": str(zoo["ft0"]), "weight": 1}]}, out, force=True)
+    assert len(partial) > 1  # shards had been written when it failed
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 

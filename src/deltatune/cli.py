@@ -163,6 +163,7 @@ def merge_checkpoints(
     """
     from rich.progress import Progress
 
+    from .core.delta import MergeError
     from .merge.executor import merge
 
     try:
@@ -170,7 +171,7 @@ def merge_checkpoints(
             task = bar.add_task("merging", total=None)
             result = merge(recipe, out, force=force, allow_pickle=allow_pickle,
                            progress=lambda i, n, name: bar.update(task, completed=i, total=n))
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, MergeError) as e:
         _fail(e)
     print(json.dumps(result.summary()))
 

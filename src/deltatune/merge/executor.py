@@ -152,12 +152,14 @@ def _plan(recipe: Recipe, spec: ops.OpSpec, ref: Input) -> list[_Item]:
             items.append(_Item(name, info.shape, info.dtype, None))
             continue
         params = recipe.resolve(name, t[name])
-        key = repr(sorted(params.items()))
-        if key not in tried:  # a dry run on one entry catches bad values before any tensor is read
+        key = (len(info.shape), repr(sorted(params.items())))
+        if key not in tried:  # a dry run on tiny random tensors catches bad values before any tensor is read
             tried.add(key)
-            one = torch.zeros(1)
+            g = torch.Generator().manual_seed(0)
+            shape = (2,) * max(1, len(info.shape))
+            xs = [torch.randn(shape, generator=g) for _ in range(n + 1)]
             try:
-                ops.apply(spec.name, [one] * n, one if spec.needs_base else None, seed=0, **params)
+                ops.apply(spec.name, xs[1:], xs[0] if spec.needs_base else None, seed=0, **params)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{spec.name} at tensor {name!r} with {params}: {e}") from None
         items.append(_Item(name, info.shape, dtype or info.dtype, params))

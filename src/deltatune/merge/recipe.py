@@ -298,11 +298,12 @@ class Recipe(BaseModel):
             models.append(m.model_copy(update={"params": params}))
         self.models = models
         for k, default in spec.defaults.items():
-            where = [(f"models[{i}].{k}", m.params[k]) for i, m in enumerate(self.models) if k in m.params]
+            per = k in spec.per_model
+            for i, m in enumerate(self.models):
+                if k in m.params:
+                    m.params[k] = _checked(m.params[k], default, per, f"models[{i}].{k}")
             if k in self.params:
-                where.append((f"params.{k}", self.params[k]))
-            for loc, s in where:
-                _check_types(s, default, k in spec.per_model, loc)
+                self.params[k] = _checked(self.params[k], default, per, f"params.{k}")
         for k in spec.per_model:
             if spec.defaults[k] is None and k not in self.params:
                 missing = [i for i, m in enumerate(self.models) if k not in m.params]
@@ -345,16 +346,26 @@ def _canon(k: str, spec: ops.OpSpec, where: str) -> str:
                      f"{sorted(p.rstrip('_') for p in spec.defaults)}")
 
 
-def _check_types(s: Setting, default: Any, per_model: bool, where: str) -> None:
+def _checked(s: Setting, default: Any, per_model: bool, where: str) -> Setting:
+    """``s`` with its values checked against the parameter's type (YAML's ``1e-3``, a string, becomes a number)."""
     numeric = per_model or (_is_number(default) and not isinstance(default, bool))
-    for c in s:
-        for x in (c.value if isinstance(c.value, tuple) else (c.value,)):
-            if numeric and not _is_number(x):
-                raise ValueError(f"{where}: expected a number, got {x!r}")
-            if isinstance(default, bool) and not isinstance(x, bool):
-                raise ValueError(f"{where}: expected true or false, got {x!r}")
-            if isinstance(default, str) and not isinstance(x, str):
-                raise ValueError(f"{where}: expected a string, got {x!r}")
+
+    def one(x: Scalar) -> Scalar:
+        if numeric and isinstance(x, str):
+            try:
+                x = float(x)
+            except ValueError:
+                pass
+        if numeric and not _is_number(x):
+            raise ValueError(f"{where}: expected a number, got {x!r}")
+        if isinstance(default, bool) and not isinstance(x, bool):
+            raise ValueError(f"{where}: expected true or false, got {x!r}")
+        if isinstance(default, str) and not isinstance(x, str):
+            raise ValueError(f"{where}: expected a string, got {x!r}")
+        return x
+
+    return tuple(Cond(tuple(one(x) for x in c.value) if isinstance(c.value, tuple) else one(c.value), c.filter)
+                 for c in s)
 
 
 def _message(e: ValidationError) -> str:
