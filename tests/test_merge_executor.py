@@ -300,6 +300,8 @@ def test_mismatched_inputs_fail_with_one_error_listing_everything(zoo, tmp_path)
     ({"models": [{"model": "M0", "weight": [{"filter": "mlp", "value": 1}]}]}, "no value for models\\[0\\]"),
     ({"models": [{"model": "M0", "weight": 1}], "params": {"lambda": "x"}}, "expected a number"),
     ({"models": [{"model": "missing/folder", "weight": 1}]}, "missing/folder: checkpoint not found"),
+    ({"models": [{"model": "gone1", "weight": 1}, {"model": "gone2", "weight": 1}]},
+     "cannot open the inputs:\n  gone1: checkpoint not found\n  gone2: checkpoint not found"),
     ({"method": "linear", "models": [{"model": "M0", "weight": 1}, {"model": "M0", "weight": -1}]},
      "weights sum to zero"),
 ])

@@ -166,6 +166,22 @@ def _plan(recipe: Recipe, spec: ops.OpSpec, ref: Input) -> list[_Item]:
     return items
 
 
+def _open_all(refs: list[ModelRef], allow_pickle: bool) -> list[Input]:
+    """Open every input (headers, adapters); ONE error lists every input that cannot be opened."""
+    out, errors = [], []
+    for r in refs:
+        try:
+            out.append(Input(r, allow_pickle))
+        except (FileNotFoundError, ValueError) as e:
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        cls = FileNotFoundError if all(isinstance(e, FileNotFoundError) for e in errors) else MergeInputError
+        raise cls("cannot open the inputs:\n  " + "\n  ".join(str(e) for e in errors))
+    return out
+
+
 def _check_out(out: Path, force: bool, inputs: list[Input]) -> None:
     for inp in inputs:
         folder = inp.ckpt.folder.resolve()
@@ -189,8 +205,9 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path | None = None, *, 
     if not str(out) or out == Path():
         raise ValueError("no output folder: set out: in the recipe or pass one")
     spec = ops.get(recipe.method)
-    models = [Input(m.ref, allow_pickle) for m in recipe.models]
-    base = Input(recipe.base, allow_pickle) if recipe.base is not None else None
+    refs = [m.ref for m in recipe.models] + ([recipe.base] if recipe.base is not None else [])
+    opened = _open_all(refs, allow_pickle)
+    models, base = opened[:len(recipe.models)], (opened[-1] if recipe.base is not None else None)
     ref = base if base is not None else models[0]
     _check_out(out, force, models + ([base] if base else []))
     problems = _check_inputs(ref, [m for m in models if m is not ref])
