@@ -207,6 +207,7 @@ def compress(
         _fail(e)
     print(json.dumps(report))
 
+
 def _number(s: str) -> float | None:
     try:
         return float(s)
@@ -262,6 +263,32 @@ def combine(
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         _fail(e)
     print(json.dumps({"out": str(path), **report}))
+
+@app.command("merge")
+def merge_checkpoints(
+    recipe: Path = typer.Argument(..., help="Merge recipe YAML (method, base, models, params, dtype, out, ...)."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (overrides the recipe's out)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) adapter files."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """Merge full checkpoints out of core, one tensor at a time (TIES, task arithmetic, linear, ...).
+
+    Example: deltatune merge ties.yaml --out merged/ --force
+    """
+    from rich.progress import Progress
+
+    from .core.delta import MergeError
+    from .merge.executor import merge
+
+    try:
+        with Progress(console=console, disable=quiet, transient=True) as bar:
+            task = bar.add_task("merging", total=None)
+            result = merge(recipe, out, force=force, allow_pickle=allow_pickle,
+                           progress=lambda i, n, name: bar.update(task, completed=i, total=n))
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, MergeError) as e:
+        _fail(e)
+    print(json.dumps(result.summary()))
 
 
 @app.command()
