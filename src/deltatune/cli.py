@@ -264,6 +264,7 @@ def combine(
         _fail(e)
     print(json.dumps({"out": str(path), **report}))
 
+
 @app.command("merge")
 def merge_checkpoints(
     recipe: Path = typer.Argument(..., help="Merge recipe YAML (method, base, models, params, dtype, out, ...)."),
