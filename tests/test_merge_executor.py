@@ -7,7 +7,6 @@ layers (so a gradient has interior points), saved as single files and as shards.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -243,25 +242,55 @@ def test_single_safetensors_file_as_input(zoo, tmp_path):
     torch.testing.assert_close(got["model.norm.weight"], (f0["model.norm.weight"] + f1["model.norm.weight"]) / 2)
 
 
-def test_elementwise_operator_in_row_blocks_gives_the_same_result(zoo, tmp_path, monkeypatch):
-    recipe = {"method": "task_arithmetic", "base": str(zoo["base"]),
-              "models": [{"model": str(zoo["ft0"]), "weight": 0.7}, {"model": str(zoo["ft1"]), "weight": 0.4}]}
-    merge(recipe, tmp_path / "whole")
-
-    @dataclasses.dataclass(frozen=True)
-    class Elementwise(ops.OpSpec):
-        elementwise: bool = True
-
-    spec = ops.get("task_arithmetic")
-    monkeypatch.setitem(ops._OPS, "task_arithmetic", Elementwise(**dataclasses.asdict(spec)))
-    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 100)
+def _count_block_reads(monkeypatch) -> list:
     reads = []
     real = Checkpoint.read
     monkeypatch.setattr(Checkpoint, "read", lambda self, n, rows=None: reads.append(rows) or real(self, n, rows))
+    return reads
+
+
+def test_elementwise_operator_in_row_blocks_gives_the_same_result(zoo, tmp_path, monkeypatch):
+    recipe = {"method": "task_arithmetic", "base": str(zoo["base"]),
+              "models": [{"model": str(zoo["ft0"]), "weight": 0.7}, {"model": str(zoo["ft1"]), "weight": 0.4}]}
+    assert ops.get("task_arithmetic").blockwise == "elementwise"
+    merge(recipe, tmp_path / "whole")
+    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 100)
+    reads = _count_block_reads(monkeypatch)
     merge(recipe, tmp_path / "blocks")
     assert any(r is not None for r in reads)  # the block path ran
     a, b = _state(tmp_path / "whole"), _state(tmp_path / "blocks")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune"])
+def test_magnitude_trim_in_row_blocks_equals_the_whole_tensor_top_k(zoo, tmp_path, monkeypatch, method):
+    """Block-wise TIES: each model's cut-off is found over the whole tensor first, so the trim is the
+    whole tensor's top-k (random float tensors: no ties at the cut-off), not a per-block one."""
+    recipe = {"method": method, "base": str(zoo["base"]),
+              "models": [{"model": str(zoo["ft0"]), "weight": 0.7, "density": 0.3},
+                         {"model": str(zoo["ft1"]), "weight": 0.4, "density": 0.6}]}
+    merge(recipe, tmp_path / "whole")
+    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 100)
+    reads = _count_block_reads(monkeypatch)
+    merge(recipe, tmp_path / "blocks")
+    assert any(r is not None for r in reads)
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "blocks")
+    base, f0, f1 = _state(zoo["base"]), _state(zoo["ft0"]), _state(zoo["ft1"])
+    for k in a:
+        want = ops.apply(method, [f0[k], f1[k]], base[k], weight=[0.7, 0.4], density=[0.3, 0.6])
+        torch.testing.assert_close(b[k], want, rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(a[k], want, rtol=0, atol=1e-6, msg=k)
+
+
+def test_rescaled_magnitude_trim_is_not_split_into_blocks(zoo, tmp_path, monkeypatch):
+    """rescale: l1 needs the whole tensor's norm: the executor must not split it."""
+    recipe = {"method": "ties", "base": str(zoo["base"]), "params": {"rescale": "l1"},
+              "models": [{"model": str(zoo["ft0"]), "weight": 1, "density": 0.5},
+                         {"model": str(zoo["ft1"]), "weight": 1, "density": 0.5}]}
+    monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 100)
+    reads = _count_block_reads(monkeypatch)
+    merge(recipe, tmp_path / "out")
+    assert all(r is None for r in reads)
 
 
 # -- refusals before any output -------------------------------------------------------------------

@@ -17,7 +17,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, 
 from mergekit.sparsify import SparsificationMethod
 
 from deltatune.merge import ops
-from deltatune.merge.sparsify import magprune_keep, spectral_truncate
+from deltatune.merge.sparsify import magnitude_mask, magprune_keep, spectral_truncate
 
 SHAPES = [(7,), (6, 10), (3, 4, 5)]
 
@@ -372,3 +372,27 @@ def test_missing_base_and_shape_mismatch_are_named():
         ops.apply("pcb", [ts[0], torch.zeros(4, 5)], base)
     with pytest.raises(ValueError, match=r"model 1 has shape \(3,\), expected \(4, 4\)"):
         ops.apply("slerp", [ts[0], torch.zeros(3)], t=0.5)
+
+
+@pytest.mark.parametrize("density", [0.001, 0.1, 0.5, 0.999, 1.0])
+def test_magnitude_cutoff_keeps_exactly_the_top_k(density):
+    from deltatune.merge.sparsify import magnitude_cutoff
+
+    tau = torch.randn(37, 29, generator=torch.Generator().manual_seed(3))
+    keep = tau.abs() >= magnitude_cutoff(tau.abs(), density)
+    assert torch.equal(keep, magnitude_mask(tau, density))
+
+
+def test_ties_with_cutoffs_on_row_blocks_equals_whole_tensor_ties():
+    from deltatune.merge.sparsify import magnitude_cutoff
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 16, generator=g)
+    ts = [base + torch.randn(40, 16, generator=g) for _ in range(3)]
+    kw = dict(weight=[0.5, 0.3, 0.2], density=[0.2, 0.5, 0.8])
+    whole = ops.apply("ties", ts, base, **kw)
+    cut = [magnitude_cutoff((t - base).abs(), d) for t, d in zip(ts, kw["density"])]
+    blocks = [ops.apply("ties", [t[a:a + 7] for t in ts], base[a:a + 7], cutoff=cut, **kw) for a in range(0, 40, 7)]
+    torch.testing.assert_close(torch.cat(blocks), whole, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="rescale"):
+        ops.apply("ties", ts, base, cutoff=cut, rescale="l1", **kw)

@@ -3,9 +3,12 @@
 For every tensor of the reference model (the base, or the first model when the operator needs none):
 read it from each input (``safe_open``, memory-mapped, file closed after the read), apply the adapter of a
 ``model+adapter`` input to it, merge with ``ops.apply``, cast to the output dtype, append its bytes to the
-output shard, drop it. Peak memory is the inputs of one tensor plus the operator's temporaries. An operator
-whose spec says ``elementwise`` (each output entry depends only on the same entry of the inputs) is applied
-to blocks of rows of large tensors instead, which bounds memory further; the result is identical.
+output shard, drop it. Peak memory is the inputs of one tensor plus the operator's temporaries. Large
+tensors are merged in blocks of rows when the operator's spec allows it (``OpSpec.blockwise``):
+``elementwise`` operators (linear, task arithmetic) block by block, identical to the whole tensor;
+``magnitude`` ones (TIES, magnitude pruning) after a first pass that finds each model's magnitude cut-off
+over the whole tensor, one model at a time (identical unless magnitudes tie at the cut-off, where the
+whole-tensor top-k keeps an arbitrary subset of the tied entries and the cut-off keeps them all).
 
 Before anything is written, everything is checked: the recipe against the operator, every input's
 tensor names and shapes against the reference (ONE error lists every missing, extra or mismatched
@@ -34,7 +37,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ from . import ops
 from .adapted import AdapterOnRead
 from .checkpoint import INDEX, SINGLE, Checkpoint, ShardWriter, TensorInfo, shard_plan
 from .recipe import ModelRef, Recipe, layer_positions, load_recipe
+from .sparsify import magnitude_cutoff
 
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
@@ -246,7 +250,10 @@ def _write(tmp: Path, items: list[_Item], recipe: Recipe, spec: ops.OpSpec, mode
         try:
             for i in idx:
                 it = items[i]
-                for rows in _blocks(it, spec):
+                blocks = _blocks(it, spec)
+                if len(blocks) > 1 and spec.blockwise == "magnitude":
+                    it = _with_cutoffs(it, blocks, spec, models, base)
+                for rows in blocks:
                     writer.write(it.name, _merge_one(it, rows, recipe, spec, models, base, ref))
                 done += 1
                 if progress is not None:
@@ -268,11 +275,36 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 def _blocks(it: _Item, spec: ops.OpSpec) -> list[tuple[int, int] | None]:
     numel = torch.Size(it.shape).numel()
-    if it.params is None or not getattr(spec, "elementwise", False) or not it.shape or numel <= CHUNK_ELEMENTS:
+    if it.params is None or spec.blockwise is None or not it.shape or numel <= CHUNK_ELEMENTS:
         return [None]
+    if spec.blockwise == "magnitude" and (it.params.get("rescale", "none") != "none"):
+        return [None]  # a norm over the whole tensor: no blocks
     per_row = max(1, numel // it.shape[0])
     step = max(1, CHUNK_ELEMENTS // per_row)
     return [(a, min(a + step, it.shape[0])) for a in range(0, it.shape[0], step)]
+
+
+def _with_cutoffs(it: _Item, blocks: list[tuple[int, int]], spec: ops.OpSpec, models: list[Input],
+                  base: Input | None) -> _Item:
+    """First pass of a block-wise magnitude trim: each model's cut-off over the WHOLE tensor, computed
+    one model at a time from ``|tau_i|`` gathered block by block (one float32 copy of the tensor)."""
+    density = it.params.get("density", spec.defaults.get("density", 1.0))
+    density = [float(density)] * len(models) if isinstance(density, (int, float)) else [float(d) for d in density]
+    numel = torch.Size(it.shape).numel()
+    per_row = numel // it.shape[0]
+    cutoffs = []
+    for m, d in zip(models, density):
+        if d >= 1:
+            cutoffs.append(0.0)
+            continue
+        mags = torch.empty(numel, dtype=torch.float32)
+        for a, b in blocks:
+            tau = m.read(it.name, (a, b)).float() - base.read(it.name, (a, b)).float()
+            mags[a * per_row:b * per_row] = tau.abs_().reshape(-1)
+            del tau
+        cutoffs.append(magnitude_cutoff(mags, d))
+        del mags
+    return replace(it, params={**it.params, "cutoff": cutoffs})
 
 
 def _merge_one(it: _Item, rows: tuple[int, int] | None, recipe: Recipe, spec: ops.OpSpec, models: list[Input],

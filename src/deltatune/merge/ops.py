@@ -67,13 +67,18 @@ class OpSpec:
     random: bool                # takes a torch.Generator
     n_models: int | None        # exact number of non-base models required (slerp: 2), or None
     doc: str
+    # How a streaming executor may split one big tensor into blocks of rows (None: never):
+    # "elementwise": each output entry depends only on the same entry of the inputs;
+    # "magnitude": elementwise once each model's magnitude ``cutoff`` (see sparsify.magnitude_cutoff)
+    # is known, passed as the ``cutoff`` parameter (one value per model).
+    blockwise: str | None = None
 
 
 _OPS: dict[str, OpSpec] = {}
 
 
 def op(name: str, *, needs_base: bool = True, per_model: Sequence[str] = ("weight",), random: bool = False,
-       n_models: int | None = None):
+       n_models: int | None = None, blockwise: str | None = None):
     """Decorator registering a merge operator under ``name`` (see the module docstring for the contract)."""
 
     def deco(fn):
@@ -85,8 +90,12 @@ def op(name: str, *, needs_base: bool = True, per_model: Sequence[str] = ("weigh
         missing = [k for k in per_model if k not in defaults]
         if missing:
             raise TypeError(f"operator {name!r}: per-model parameters {missing} are not keyword arguments")
+        if blockwise not in (None, "elementwise", "magnitude"):
+            raise ValueError(f"operator {name!r}: blockwise must be None, 'elementwise' or 'magnitude'")
+        if blockwise == "magnitude" and "cutoff" not in defaults:
+            raise TypeError(f"operator {name!r}: blockwise='magnitude' needs a 'cutoff' keyword argument")
         _OPS[name] = OpSpec(name, fn, needs_base, tuple(per_model), defaults, random, n_models,
-                            (fn.__doc__ or "").strip())
+                            (fn.__doc__ or "").strip(), blockwise)
         return fn
 
     return deco
@@ -147,7 +156,7 @@ def apply(name: str, tensors: Sequence[Tensor], base: Tensor | None = None, *, s
 
 
 # -- averaging and task arithmetic ------------------------------------------------------------------
-@op("linear", needs_base=False)
+@op("linear", needs_base=False, blockwise="elementwise")
 def linear(tensors, base, *, weight: list[float] | None = None, normalize: bool = True) -> Tensor:
     """Weighted average of models (model soups): ``sum_i w_i theta_i / sum_i w_i``
     (``normalize=False``: the plain weighted sum)."""
@@ -163,7 +172,7 @@ def linear(tensors, base, *, weight: list[float] | None = None, normalize: bool 
     return _out(out, tensors[0])
 
 
-@op("task_arithmetic")
+@op("task_arithmetic", blockwise="elementwise")
 def task_arithmetic(tensors, base, *, weight: list[float] | None = None, normalize: bool = False,
                     lambda_: float = 1.0) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023): ``theta = theta_base + lambda * sum_i w_i tau_i``.
@@ -175,32 +184,49 @@ def task_arithmetic(tensors, base, *, weight: list[float] | None = None, normali
 
 
 # -- magnitude sparsification: TIES, magnitude pruning, breadcrumbs -----------------------------------
-@op("ties", per_model=("weight", "density"))
+@op("ties", per_model=("weight", "density"), blockwise="magnitude")
 def ties(tensors, base, *, weight: list[float] | None = None, density: list[float] | None = 1.0,
-         normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum", rescale: str = "none") -> Tensor:
+         normalize: bool = True, lambda_: float = 1.0, consensus: str = "sum", rescale: str = "none",
+         cutoff: Sequence[float] | None = None) -> Tensor:
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
     ``tau_i`` keeps its top-``density_i`` entries by magnitude; ``gamma = sign(sum_i w_i tau_i)``;
     ``theta = theta_base + lambda * sum_i w_i tau_i [sign(tau_i) = gamma] / sum_i w_i [sign(tau_i) = gamma]``
     (the division is skipped with ``normalize=False``; entries no model keeps stay at the base).
     ``rescale: l1`` rescales each trimmed ``tau_i`` to its L1 norm (mergekit's ``rescale: true``).
+    ``cutoff`` (one per model, from ``sparsify.magnitude_cutoff`` over the WHOLE tensor) keeps
+    ``|tau_i| >= cutoff_i`` instead of ranking this tensor: how a streaming merge trims a big tensor
+    block by block (equal to the top-k unless magnitudes tie at the cut-off).
     """
     _check_density("ties", density)
     _check_rescale("ties", rescale, ("none", "l1"))
-    taus = _pruned(tensors, base, density, lambda tau, i: magnitude_mask(tau, density[i]), rescale)
+    taus = _pruned(tensors, base, density, _magnitude_fn(density, cutoff, rescale, "ties"), rescale)
     return _combine(taus, base, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
-@op("magnitude_prune", per_model=("weight", "density"))
+@op("magnitude_prune", per_model=("weight", "density"), blockwise="magnitude")
 def magnitude_prune(tensors, base, *, weight: list[float] | None = None, density: list[float] | None = 1.0,
-                    normalize: bool = False, lambda_: float = 1.0, rescale: str = "none") -> Tensor:
+                    normalize: bool = False, lambda_: float = 1.0, rescale: str = "none",
+                    cutoff: Sequence[float] | None = None) -> Tensor:
     """Task arithmetic on magnitude-pruned task vectors: ``tau_i`` keeps its top-``density_i`` entries by
     ``|tau_i|`` (``k = max(1, int(density N))``), then ``theta = theta_base + lambda * sum_i w_i tau_i``
-    (``/ sum_i w_i`` with ``normalize``). TIES without the sign election."""
+    (``/ sum_i w_i`` with ``normalize``). TIES without the sign election; ``cutoff`` as in ``ties``."""
     _check_density("magnitude_prune", density)
     _check_rescale("magnitude_prune", rescale, ("none", "l1"))
-    taus = _pruned(tensors, base, density, lambda tau, i: magnitude_mask(tau, density[i]), rescale)
+    taus = _pruned(tensors, base, density, _magnitude_fn(density, cutoff, rescale, "magnitude_prune"), rescale)
     return _combine(taus, base, weight, consensus=None, normalize=normalize, lambda_=lambda_)
+
+
+def _magnitude_fn(density, cutoff, rescale: str, name: str):
+    """The trim of ``ties`` / ``magnitude_prune``: top-k of this tensor, or ``|tau| >= cutoff``."""
+    if cutoff is None:
+        return lambda tau, i: magnitude_mask(tau, density[i])
+    if len(cutoff) != len(density):
+        raise ValueError(f"{name}: 'cutoff' has {len(cutoff)} values for {len(density)} models")
+    if rescale != "none":
+        raise ValueError(f"{name}: 'cutoff' (block-wise trimming) cannot be combined with rescale={rescale!r}, "
+                         "which needs the whole tensor's norm")
+    return lambda tau, i: tau.abs() >= cutoff[i] if density[i] < 1 else torch.ones_like(tau, dtype=torch.bool)
 
 
 def _breadcrumbs(name, tensors, base, weight, density, gamma, normalize, lambda_, rescale, consensus):

@@ -41,6 +41,20 @@ def magnitude_mask(tau: Tensor, density: float) -> Tensor:
     return mask.view_as(tau)
 
 
+def magnitude_cutoff(abs_tau: Tensor, density: float) -> float:
+    """The magnitude ``c`` such that ``|tau| >= c`` keeps what ``magnitude_mask`` keeps (the k-th largest
+    ``|tau|``, ``k = max(1, int(density * numel))``; more only where magnitudes tie at ``c``).
+
+    ``abs_tau`` holds ``|tau|`` (any shape; it is not modified). ``density >= 1`` gives 0 (keep all)."""
+    n = abs_tau.numel()
+    if density >= 1 or n == 0:
+        return 0.0
+    if density <= 0:
+        return float("inf")
+    k = max(1, int(density * n))
+    return float(abs_tau.reshape(-1).kthvalue(n - k + 1).values)
+
+
 def outlier_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
     """Model Breadcrumbs' mask (Davari & Belilovsky 2023): drop the ``gamma`` fraction of largest
     ``|tau|`` (outliers) and the smallest, so that ``int(density * numel)`` entries remain.
