@@ -8,7 +8,7 @@ normalize, float32 output.
 
 Each tool runs in its own fresh process (``python -m deltatune.cli merge`` and ``mergekit-yaml
 --no-write-model-card``, offline, CPU, default threads); wall time and the process's peak resident set
-size (``ru_maxrss`` from ``wait4``; it counts memory-mapped file pages too) are measured from outside.
+size (GNU ``time -f %M``; it counts memory-mapped file pages too) are measured from outside.
 Then the two outputs are compared tensor by tensor (max |difference|). ``--small`` does the same on a
 tiny random Llama (seconds) to prove the script works; it writes RESULTS.md only with ``--results``.
 
@@ -112,17 +112,26 @@ def recipes(work: Path, paths: dict[str, Path]) -> tuple[Path, Path]:
 
 
 # -- measuring -------------------------------------------------------------------------------------
+TIME = shutil.which("time") or "/usr/bin/time"
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process, reaped by ``wait4`` for its own ``ru_maxrss``."""
+    """Wall seconds and peak RSS (MB) of one child process.
+
+    The peak is measured by GNU ``time -f %M`` around the command: ``ru_maxrss`` of a child reaped by this
+    (large) process would start from this process's own RSS at fork time, which Linux carries across exec.
+    """
+    if not Path(TIME).is_file():
+        raise SystemExit("GNU time (/usr/bin/time) is needed to measure each tool's peak RSS")
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read()  # until the child closes it (exits)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([TIME, "-f", "MAXRSS_KB %M", *cmd], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
     wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.decode()
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{err.decode()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{err[-3000:]}")
+    kb = [line for line in err.splitlines() if line.startswith("MAXRSS_KB ")]
+    return wall, int(kb[-1].split()[1]) / 1024
 
 
 def compare(a: Path, b: Path) -> tuple[float, int, int]:
@@ -194,7 +203,7 @@ def main() -> None:
         f" base + 3 fine-tunes (base + 0.01 std-scaled seeded noise on every tensor), float32, "
         f"{info['bytes'] / 1e6:.0f} MB each, {info['tensors']} tensors. Recipe: TIES, density {DENSITY}, weights "
         f"{' / '.join(map(str, WEIGHTS))}, normalize, float32 out. Each tool in its own process (CPU, default "
-        f"threads, offline); peak RSS = the process's `ru_maxrss`; {args.reps} run(s) each, medians.\n\n"
+        f"threads, offline); peak RSS = GNU `time -f %M` of the process; {args.reps} run(s) each, medians.\n\n"
         + C.markdown_table(headers, rows)
         + f"\n\n{agree[0].upper()}{agree[1:]}.\n"
     )

@@ -86,9 +86,19 @@ def save_adapters(dm: DeltaModel, path: str | os.PathLike, names: list[str] | No
         save_adapter(dm, name, root if name == "default" else root / name)
 
 
-def save_adapter(dm: DeltaModel, name: str, folder: Path) -> None:
+def config_dict(cfg: DeltaConfig, targets) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a config: PEFT's fields where the method maps to PEFT, plus ours."""
     from .. import __version__
 
+    try:
+        config: dict[str, Any] = cfg.to_peft(targets)
+    except NotImplementedError:
+        config = {}
+    config["deltatune"] = {"type": cfg.type, "format": FORMAT_VERSION, "version": __version__, "config": cfg.to_dict()}
+    return config
+
+
+def save_adapter(dm: DeltaModel, name: str, folder: Path) -> None:
     cfg = dm.configs[name]
     deltas = dm.deltas(name)
     adapted = [p for p, d in deltas.items() if not d.replaces_base]
@@ -96,12 +106,7 @@ def save_adapter(dm: DeltaModel, name: str, folder: Path) -> None:
     saved = cfg.saved_config().model_copy(
         update={"targets": targets, "exclude": None, "layers": None, "layers_pattern": None}
     )
-    try:
-        config: dict[str, Any] = saved.to_peft(targets)
-    except NotImplementedError:
-        config = {}
-    config["deltatune"] = {"type": cfg.type, "format": FORMAT_VERSION, "version": __version__,
-                           "config": saved.to_dict()}
+    config = config_dict(saved, targets)
     # input-level deltas (prompt/prefix tuning) save top-level keys (``prompt_embeddings``), as PEFT does
     tensors = {(k if d.input_level else f"{cfg.peft_prefix}{p}.{k}"): t.detach().to("cpu").contiguous()
                for p, d in deltas.items() for k, t in d.export_state().items()}

@@ -56,9 +56,9 @@ from ..core.config import DeltaConfig
 from ..core.targeting import matches
 from ..io.adapter import (
     CONFIG_NAME,
-    FORMAT_VERSION,
     WEIGHTS_NAME,
     atomic_write_all,
+    config_dict,
     read_config,
     read_weights,
 )
@@ -310,13 +310,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _write(out: Path, cfg: DeltaConfig, state: dict[str, Tensor], report: dict, overwrite: bool) -> Path:
     """Write the adapter folder into a temporary folder next to ``out``, then rename it into place."""
-    from .. import __version__
-
-    try:
-        config: dict[str, Any] = cfg.to_peft(cfg.targets)
-    except NotImplementedError:
-        config = {}
-    config["deltatune"] = {"type": cfg.type, "format": FORMAT_VERSION, "version": __version__, "config": cfg.to_dict()}
+    config = config_dict(cfg, cfg.targets)
     tensors = {(k if "." not in k or k in cfg.shared_keys else cfg.peft_prefix + k): t.detach().cpu().contiguous()
                for k, t in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
