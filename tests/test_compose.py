@@ -190,6 +190,19 @@ def test_fuse_is_attention_over_contributions(zoo):
     close(y, h + (s.unsqueeze(-1) * c).sum(-2) @ fu.fusion_value.weight.T, atol=1e-5, rtol=0)
 
 
+def test_a_narrowed_fusion_averages_where_it_has_no_parameters(zoo):
+    dm, x = with_adapters(zoo, "llama", houlsby(), ("a", "b"))
+    dm.add(dt.FusionConfig(adapters=["a", "b"], targets=["o_proj"], layers=[0]), "ab")
+    assert list(dm.deltas("ab")) == ["model.layers.0.self_attn.o_proj"]
+    randomise(dm, "ab", seed=9, scale=0.2)
+    dm.activate(dt.Fuse("a", "b"))
+    _, h, y = at_site(dm, x)  # down_proj: no fusion parameters
+    close(y, h + (f(dm, "a", h) + f(dm, "b", h)) / 2, atol=1e-6, rtol=0)
+    o = "model.layers.0.self_attn.o_proj"
+    _, h, y = at_site(dm, x, o)
+    close(y, dm.deltas("ab")[o].fuse(h, [f(dm, "a", h, o), f(dm, "b", h, o)]), atol=1e-6, rtol=0)
+
+
 def test_fresh_fusion_starts_near_the_average(zoo):
     dm, x = with_adapters(zoo, "llama", houlsby(), ("a", "b"))
     dm.add(dt.FusionConfig(adapters=["a", "b"]), "ab")
@@ -432,3 +445,31 @@ def test_refusals_leave_the_model_unchanged(zoo):
     dm.delete("ab")
     dm.delete("a")
     assert "a" not in dm.configs
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+@pytest.mark.parametrize("method", ["lora", "adapter_parallel"])
+def test_every_block_runs_and_fusion_gets_the_only_gradients(zoo, kind, method):
+    cfg = dt.LoRAConfig(r=4, init="random") if method == "lora" else dt.config(method, init="random")
+    dm, x = with_adapters(zoo, kind, cfg, ("a", "b"))
+    dm.add(dt.FusionConfig(adapters=["a", "b"]), "ab")
+    dm.set_trainable("a", False)
+    dm.set_trainable("b", False)
+    dm.activate("a")
+    ya = out(dm, x)
+    for block in (dt.Stack("a", "b"), dt.Parallel("a", "b"), dt.Average("a", "b"), dt.Fuse("a", "b"),
+                  dt.Split("a", "b", splits=2), dt.Split("a", "b", splits=100)):
+        dm.activate(block)
+        if isinstance(block, dt.Split) and kind == "bert" and method == "lora":  # all-linear: the pooler too
+            with pytest.raises(ValueError, match="BertPooler|sequence dimension"):
+                out(dm, x)
+            continue
+        y = out(dm, x)
+        assert y.shape == ya.shape and torch.isfinite(y).all(), block
+    if not (kind == "bert" and method == "lora"):
+        close(y, ya, atol=1e-5, rtol=0)  # splits=100: only a
+    dm.activate(dt.Fuse("a", "b"))
+    dm.train()
+    dm(**x).logits.square().mean().backward()
+    grads = {n for n, p in dm.named_parameters() if p.grad is not None}
+    assert grads and all(".deltas.ab." in n for n in grads)

@@ -17,7 +17,8 @@ function ``h -> h'``; the Site computes the base once and asks the active compos
   normalised to sum 1 unless ``normalize_weights=False`` (then it is a weighted sum).
 - ``Fuse(a1, ..., an)``: AdapterFusion (Pfeiffer et al. 2021): ``h + sum_i s_i V c_i`` with ``c_i = a_i(h) - h``
   and ``s = softmax_i((Q h) . (K c_i))``, with the per-site Q, K, V of a fusion adapter
-  (:class:`deltatune.methods.fusion.FusionConfig`) that trains while the fused adapters stay frozen.
+  (:class:`deltatune.methods.fusion.FusionConfig`) that trains while the fused adapters stay frozen. At a
+  module the fusion's ``targets`` leave out, the contributions are averaged.
 - ``Split(b1, ..., bn, splits=[k1, ..., k_{n-1}])``: position ``t`` of the sequence (dim 1 of the site's input
   and output) uses ``b1`` for ``t < k1``, ``b2`` for the next ``k2`` positions, ..., ``bn`` for the rest.
   Positions are absolute: tokens already in the KV cache count (``generate`` decodes position ``t``, not 0),
@@ -209,10 +210,11 @@ class Fuse(Block):
         zs = [_branch(c, at, x, h) for c in self.children]
         if all(z is None for z in zs):
             return h
+        cs = [torch.zeros_like(h) if z is None else z - h for z in zs]
         f = at.site.deltas[self.fusion] if self.fusion in at.site.deltas else None
-        if f is None:
-            raise RuntimeError(f"fusion {self.fusion!r} has no parameters at a module its adapters adapt")
-        return f.fuse(h, [torch.zeros_like(h) if z is None else z - h for z in zs])
+        if f is None:  # a module the fusion's targets left out: the plain mean (a fresh fusion's starting point)
+            return h + sum(cs) / len(cs)
+        return f.fuse(h, cs)
 
 
 class Split(Block):

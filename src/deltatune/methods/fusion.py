@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.registry import register
-from ..core.targeting import is_linear, layer_index, matches
+from ..core.targeting import ALL_LINEAR, is_linear, layer_index, matches
 
 
 def _out_dim(module: nn.Module) -> int | None:
@@ -83,8 +83,8 @@ class FusionDelta(Delta):
 class FusionConfig(DeltaConfig):
     """AdapterFusion over ``adapters`` (two or more loaded adapters, by name).
 
-    Sites: every module where one of them has a delta (``targets``/``exclude``/``layers`` may narrow that);
-    ``temperature``: the softmax's divisor.
+    Sites: every module where one of them has a delta (``targets``/``exclude``/``layers`` may narrow that; where
+    the fusion has no parameters, ``dt.Fuse`` averages the contributions); ``temperature``: the softmax's divisor.
     """
 
     type: ClassVar[str] = "fusion"
@@ -148,7 +148,7 @@ class FusionConfig(DeltaConfig):
         return self.model_copy(update={"targets": exact, "exclude": None, "layers": None, "layers_pattern": None})
 
     def _keeps(self, path: str) -> bool:
-        if self.targets is not None and not matches(self.targets, path):
+        if self.targets not in (None, ALL_LINEAR) and not matches(self.targets, path):
             return False
         if self.exclude is not None and matches(self.exclude, path):
             return False
