@@ -9,6 +9,7 @@ import os
 
 from torch import nn
 
+from .core.compose import Average, Block, Fuse, Parallel, Split, Stack
 from .core.config import DeltaConfig
 from .core.delta import Delta, MergeError, ModuleCopy
 from .core.model import DeltaModel, owner_of
@@ -71,7 +72,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AdapterFileError", "Delta", "DeltaConfig", "DeltaModel", "LoRAConfig", "MergeError", "ModuleCopy", "Site",
-    "attach", "available_methods", "calibrate_sparse", "combine", "config", "inspect", "load_adapter", "load_pretrained",
+    "AdapterFileError", "Average", "Block", "Delta", "DeltaConfig", "DeltaModel", "Fuse", "LoRAConfig", "MergeError",
+    "ModuleCopy", "Parallel", "Site", "Split", "Stack", "attach", "available_methods", "calibrate_sparse", "combine", "config", "inspect", "load_adapter", "load_pretrained",
     "negate", "register",
 ]

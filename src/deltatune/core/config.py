@@ -128,6 +128,11 @@ class DeltaConfig(BaseModel):
         trains, e.g. a rank-budget schedule or a regulariser. Most methods need none."""
         return []
 
+    def combines(self) -> list[str]:
+        """The adapters whose outputs this adapter's deltas combine (an AdapterFusion's); most methods: none. Such
+        an adapter works only inside a composition block (``dt.Fuse``), and its adapters stay while it exists."""
+        return []
+
     def saved_config(self) -> DeltaConfig:
         """The config that describes the *saved* files (a method may save in a converted form)."""
         return self

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .compose import Block
+from .composition import Composition, compose
 from .config import DeltaConfig
 from .delta import Delta, MergeError, ModuleCopy
 from .site import Site, SiteState
@@ -79,6 +81,12 @@ class DeltaModel(nn.Module):
         unknown = sorted({a for a in adapters if a is not None and a not in self.configs})
         if unknown:
             raise KeyError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.configs)}")
+        if self._state.composition is not None:
+            raise RuntimeError(f"a composition is active ({self._state.composition.block!r}); per-row routing picks one "
+                               f"adapter per row: activate a plain adapter first (dm.activate(name))")
+        fused = sorted({a for a in adapters if a is not None and self.configs[a].combines()})
+        if fused:
+            raise ValueError(f"adapter(s) {fused} are AdapterFusions and cannot be routed per row; use dt.Fuse(...)")
         merged = sorted({n for _, s in self.sites() for n in s.merged})
         if merged:
             raise RuntimeError(f"adapter(s) {merged} are merged into the weights; unmerge before per-row routing")
@@ -245,10 +253,25 @@ class DeltaModel(nn.Module):
     def active(self) -> list[str]:
         return list(self._state.active)
 
-    def activate(self, names: str | list[str]) -> None:
-        """Make one adapter, or several at once (their effects add), the active ones."""
+    @property
+    def composition(self) -> Block | None:
+        """The active composition block (``activate(dt.Stack(...))``), or None."""
+        comp = self._state.composition
+        return None if comp is None else comp.block
+
+    def activate(self, names: str | list[str] | Block) -> None:
+        """Make one adapter, or several at once (applied one after another, as ``dt.Stack``), the active ones; or
+        activate a composition block (``dt.Stack``, ``dt.Parallel``, ``dt.Average``, ``dt.Fuse``, ``dt.Split``,
+        see ``core/compose.py``)."""
+        if isinstance(names, Block):
+            self._set_composition(compose(self, names))
+            return
         names = [names] if isinstance(names, str) else list(names)
         self._require(*names)
+        fused = [n for n in names if self.configs[n].combines()]
+        if fused:
+            raise ValueError(f"adapter {fused[0]!r} is an AdapterFusion over {self.configs[fused[0]].combines()}; "
+                             f"activate it with dm.activate(dt.Fuse(...))")
         merged = {n for _, s in self.sites() for n in s.merged} - set(names)
         if merged:
             raise RuntimeError(f"adapter(s) {sorted(merged)} are merged; unmerge them before deactivating")
@@ -259,8 +282,17 @@ class DeltaModel(nn.Module):
         if len(inputs) > 1:
             raise ValueError(f"adapters {inputs} each act on the model's inputs (virtual tokens, prefixes); "
                              f"activate only one of them at a time (together with any weight-level adapters)")
-        self._state.active = tuple(dict.fromkeys(names))
-        self._state.bump()
+        self._set_composition(None, tuple(dict.fromkeys(names)))
+
+    def _set_composition(self, comp: Composition | None, active: tuple[str, ...] = ()) -> None:
+        st = self._state
+        if st.composition is not None:
+            st.composition.detach()
+        st.composition = comp
+        if comp is not None:
+            comp.attach(self.model)
+        st.active = comp.names if comp is not None else active
+        st.bump()
 
     def set_trainable(self, name: str, trainable: bool = True) -> None:
         for d in self.deltas(name).values():
@@ -270,7 +302,7 @@ class DeltaModel(nn.Module):
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Inside the block the model is exactly the base model (merged adapters are unmerged meanwhile)."""
-        merged = {p: list(s.merged) for p, s in self.sites() if s.merged}
+        merged = {p: (list(s.merged), dict(s.merge_scales)) for p, s in self.sites() if s.merged}
         for p, s in self.sites():
             if p in merged:
                 s.unmerge()
@@ -281,13 +313,22 @@ class DeltaModel(nn.Module):
         finally:
             self._state.disabled = False
             sites = dict(self.sites())
-            for p, names in merged.items():
-                sites[p].merge(names)
+            for p, (names, scales) in merged.items():
+                sites[p].merge(names, scales)
             self._state.bump()
 
     # -- merging -------------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights. Checks everything first."""
+        """Fold adapters (default: the active ones) into the base weights. Checks everything first.
+
+        Under a composition, merges all of it, each delta with its weight (Stack/Parallel/Average of mergeable
+        deltas; Fuse and Split are refused)."""
+        comp, scales = self._state.composition, None
+        if comp is not None:
+            if names is not None and sorted(names) != sorted(comp.block.leaves()):
+                raise ValueError(f"a composition ({comp.block!r}) merges as a whole; call merge() without names")
+            scales = comp.merge_scales(self)
+            names = list(scales)
         names = self.active if names is None else names
         self._require(*names)
         inactive = [n for n in names if n not in self._state.active]
@@ -298,7 +339,7 @@ class DeltaModel(nn.Module):
         for p, s in self.sites():
             pending = [n for n in names if n in s.deltas and n not in s.merged and not s.deltas[n].replaces_base]
             if pending:
-                s.check_mergeable(pending, p)
+                s.check_mergeable(pending, p, scales)
                 w = getattr(s.base, "weight", None)
                 if w is not None and len(tied.get(id(w), ())) > 1:
                     raise MergeError(f"{p}: its weight is shared with {sorted(set(tied[id(w)]) - {p})} (tied "
@@ -309,7 +350,7 @@ class DeltaModel(nn.Module):
             return
         sites = dict(self.sites())
         for p, pending in todo.items():
-            sites[p].merge(pending)
+            sites[p].merge(pending, scales)
 
     def unmerge(self, names: list[str] | None = None) -> None:
         for _, s in self.sites():
@@ -344,14 +385,20 @@ class DeltaModel(nn.Module):
         self._requires_grad = None
         self.configs.clear()
         self.trainable.clear()
-        self._state.active = ()
-        self._state.bump()
+        self._set_composition(None)
         self._sync_inputs()
         _OWNERS.pop(self.model, None)
 
     def delete(self, name: str) -> None:
         """Remove every trace of adapter ``name``; sites left without deltas are unwrapped."""
         self._require(name)
+        comp = self._state.composition
+        if comp is not None and name in comp.names:
+            raise RuntimeError(f"adapter {name!r} is part of the active composition {comp.block!r}; activate something "
+                               f"else first")
+        users = [n for n, c in self.configs.items() if name in c.combines()]
+        if users:
+            raise RuntimeError(f"adapter {name!r} is fused by {users}; delete the fusion(s) first")
         merged = [p for p, s in self.sites() if name in s.merged]
         if merged:
             raise RuntimeError(f"adapter {name!r} is merged (e.g. at {merged[0]!r}); unmerge it before deleting")

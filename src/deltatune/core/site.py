@@ -10,11 +10,15 @@ so quantized or sharded layers can sit underneath.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .delta import Delta, MergeError, check_finite
+
+if TYPE_CHECKING:
+    from .composition import Composition
 
 
 @dataclass
@@ -23,6 +27,8 @@ class SiteState:
 
     active: tuple[str, ...] = ()
     disabled: bool = False
+    # a composition block checked against the model (core/composition.py): it combines the active deltas' outputs
+    composition: Composition | None = None
     # per-row routing: adapter name -> LongTensor of batch rows; rows in no group use the base only
     route: dict[str, Tensor] | None = None
     route_rows: int = 0
@@ -38,6 +44,7 @@ class Site(nn.Module):
         self.base = base
         self.deltas = nn.ModuleDict()
         self.merged: list[str] = []
+        self.merge_scales: dict[str, float] = {}  # adapters merged with a weight other than 1 (a composition's)
         object.__setattr__(self, "_state", state)  # shared, deliberately not a submodule
         self._cache: tuple[int, list[Delta], Delta | None] = (-1, [], None)
 
@@ -68,6 +75,8 @@ class Site(nn.Module):
             return self.base(x, *args, **kwargs)
         if st.route is not None:
             return self._routed(x, *args, **kwargs)
+        if st.composition is not None:
+            return st.composition(self, x, *args, **kwargs)
         deltas, replacing = self._active()
         y = replacing(x, None, self.base, *args, **kwargs) if replacing else self.base(x, *args, **kwargs)
         for d in deltas:
@@ -96,8 +105,11 @@ class Site(nn.Module):
         return y if out is None else out
 
     # -- merging -------------------------------------------------------------------------------
-    def check_mergeable(self, names: list[str], where: str) -> None:
-        """Raise before anything changes if merging ``names`` here would fail or give non-finite weights."""
+    def check_mergeable(self, names: list[str], where: str, scales: dict[str, float] | None = None) -> None:
+        """Raise before anything changes if merging ``names`` here would fail or give non-finite weights.
+
+        ``scales``: adapter -> weight for a weighted merge (a composition's Average); 1 when absent.
+        """
         w = self.base.weight if hasattr(self.base, "weight") else None
         together = [d for n, d in self.deltas.items() if (n in names or n in self.merged) and not d.replaces_base]
         if len(together) > 1 and not all(d.additive for d in together):
@@ -111,14 +123,26 @@ class Site(nn.Module):
                 raise MergeError(f"{where}: adapter {n!r} ({type(d).__name__}) cannot be merged")
             if w is None:
                 raise MergeError(f"{where}: module has no weight to merge into")
-            check_finite(d.merged_weight(self.base), f"{where} (adapter {n!r})")
+            s = 1.0 if scales is None else scales.get(n, 1.0)
+            if s == 1.0:
+                check_finite(d.merged_weight(self.base), f"{where} (adapter {n!r})")
+            elif not d.additive:
+                raise MergeError(f"{where}: adapter {n!r} ({type(d).__name__}) is not additive; it cannot be merged "
+                                 f"with weight {s:g}")
+            else:
+                check_finite(w.detach().float() + s * d.delta_weight(self.base).float(), f"{where} (adapter {n!r})")
 
     @torch.no_grad()
-    def merge(self, names: list[str]) -> None:
+    def merge(self, names: list[str], scales: dict[str, float] | None = None) -> None:
         for n in names:
             if n in self.merged or self.deltas[n].replaces_base:
                 continue
-            self.deltas[n].merge_into(self.base)
+            s = 1.0 if scales is None else scales.get(n, 1.0)
+            if s == 1.0:
+                self.deltas[n].merge_into(self.base)
+            else:
+                self._add_scaled(n, s)
+                self.merge_scales[n] = s
             self.merged.append(n)
         self._state.bump()
 
@@ -126,9 +150,17 @@ class Site(nn.Module):
     def unmerge(self, names: list[str] | None = None) -> None:
         for n in reversed(list(self.merged)):
             if names is None or n in names:
-                self.deltas[n].unmerge_from(self.base)
+                s = self.merge_scales.pop(n, 1.0)
+                if s == 1.0:
+                    self.deltas[n].unmerge_from(self.base)
+                else:
+                    self._add_scaled(n, -s)
                 self.merged.remove(n)
         self._state.bump()
+
+    def _add_scaled(self, name: str, s: float) -> None:
+        w = self.base.weight
+        w.data.copy_((w.detach().float() + s * self.deltas[name].delta_weight(self.base).float()).to(w.dtype))
 
     def extra_repr(self) -> str:
         return f"merged={self.merged}" if self.merged else ""
