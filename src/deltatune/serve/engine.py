@@ -260,7 +260,7 @@ class Engine:
             self.metrics.generated_tokens.inc()
             if row.generated == 1:
                 self.metrics.ttft.observe(row.first_token_at - row.req.arrived)
-            if piece:
+            if piece and row.req.stream:
                 row.req.sink(Event("text", text=piece))
             if row.finish is None and row.req.cancelled:
                 row.finish = "cancelled"

@@ -90,7 +90,7 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {name!r} resolves outside the adapters directory", status=403,
                                code="adapter_outside_directory")
         if not (path / CONFIG_NAME).exists():
-            raise AdapterError(f"unknown adapter {name!r}; available: {self.available()}", status=404,
+            raise AdapterError(f"unknown adapter {name!r}: no such adapter folder (GET /v1/models lists them)", status=404,
                                code="adapter_not_found")
         for f in (CONFIG_NAME, WEIGHTS_NAME):
             if (path / f).exists() and not self._inside((path / f).resolve()):

@@ -46,6 +46,7 @@ class GenRequest:
     top_p: float = 1.0
     stop: Sequence[str] = ()
     seed: int | None = None
+    stream: bool = True  # False: no ``text`` events, only the whole text in ``done``
     cancelled: bool = False
     arrived: float = field(default_factory=time.perf_counter)
 
