@@ -322,7 +322,8 @@ def test_metrics_page_is_prometheus_text(client):
     assert metric(text, "deltatune_request_latency_seconds_count") > 0
 
 
-# -- the command line -------------------------------------------------------------------------------
+# -- the command line, and a real model -------------------------------------------------------------
+@pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~15 s on a busy machine
 def test_deltatune_serve_command_serves(world, ref):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -349,3 +350,40 @@ def test_deltatune_serve_command_serves(world, ref):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow
+def test_smollm2_with_a_trained_adapter_answers_like_deltatune_generate(tmp_path):
+    """The real SmolLM2-135M-Instruct and a LoRA trained a few steps: chat answers equal the library's."""
+    import torch
+
+    from deltatune.generation import generate as lib_generate
+
+    model, tok = dt.load_pretrained("smollm2-135m")
+    dm = dt.attach(model, dt.LoRAConfig(r=8, alpha=16))
+    enc = tok(["Aromi is a Thai restaurant in the city centre. It is family friendly."], return_tensors="pt")
+    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=2e-3)
+    dm.train()
+    for _ in range(8):
+        dm(**enc, labels=enc["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    dm.eval()
+    dm.save(tmp_path / "adapters" / "aromi")
+    prompt = "Describe the restaurant Aromi in one sentence."
+    want = lib_generate(dm, tok, [prompt], max_new_tokens=16)[0]
+    with dm.disabled():
+        base = lib_generate(dm, tok, [prompt], max_new_tokens=16)[0]
+    assert want != base
+    plain, tok = dt.load_pretrained("smollm2-135m")
+    with BackgroundServer(build_app(plain, tok, tmp_path / "adapters", model_name="smollm2")) as s:
+        async def ask_both():
+            async with httpx.AsyncClient(base_url=s.url, timeout=120) as c:
+                return await asyncio.gather(*[
+                    c.post("/v1/chat/completions", json={"model": m, "max_tokens": 16, "temperature": 0,
+                                                         "messages": [{"role": "user", "content": prompt}]})
+                    for m in ("smollm2:aromi", "smollm2")])
+
+        adapted, plain_answer = asyncio.run(ask_both())
+    assert adapted.json()["choices"][0]["message"]["content"].strip() == want
+    assert plain_answer.json()["choices"][0]["message"]["content"].strip() == base
