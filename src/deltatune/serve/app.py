@@ -231,7 +231,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         events: asyncio.Queue[Event] = asyncio.Queue()
         req = GenRequest(ids, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), adapter=adapter,
                          max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stops,
-                         seed=body.seed, stream=body.stream)
+                         seed=body.seed, stream=body.stream, ignore_eos=body.ignore_eos)
         engine.submit(req)
         try:
             first = await _next(events, request)  # "start" once admitted, or an error (e.g. a bad adapter file)

@@ -47,6 +47,7 @@ class GenRequest:
     stop: Sequence[str] = ()
     seed: int | None = None
     stream: bool = True  # False: no ``text`` events, only the whole text in ``done``
+    ignore_eos: bool = False  # generate max_tokens whatever comes (vLLM's extension; for benchmarks)
     cancelled: bool = False
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -55,7 +56,8 @@ class Row:
     """A request admitted into the batch: its generated tokens and how much text was already sent."""
 
     def __init__(self, req: GenRequest, internal: str | None, tokenizer, eos: set[int]):
-        self.req, self.internal, self.tok, self.eos = req, internal, tokenizer, eos
+        self.req, self.internal, self.tok = req, internal, tokenizer
+        self.eos = set() if req.ignore_eos else eos
         self.tokens: list[int] = []
         self.generated = 0  # tokens the model produced, an end-of-sequence token included
         self.text = ""

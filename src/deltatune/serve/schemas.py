@@ -48,6 +48,7 @@ class _Generation(BaseModel):
     seed: int | None = None
     logprobs: Any = None
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     @field_validator("stop")
     @classmethod
