@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import deltatune as dt
 from deltatune.serve import AdapterRegistry, Engine, GenRequest
 from deltatune.serve.metrics import Histogram
+from deltatune.serve.rows import Row
 from serve_helpers import IA3, LORA, LORA2, Reference, make_world
 
 
@@ -177,3 +178,39 @@ def test_routing_refuses_nothing_the_registry_accepts(world):
     ids = torch.tensor([[5, 6, 7]] * len(names))
     with torch.inference_mode():
         engine.dm(input_ids=ids, adapters=names)
+
+
+class _Chars:
+    """A tokenizer whose token i is the character chr(i): decoding is exact and easy to reason about."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def _row(stop=(), max_tokens=50, ignore_eos=False) -> Row:
+    req = GenRequest([1], lambda ev: None, max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos)
+    return Row(req, None, _Chars(), eos={0})
+
+
+def test_streaming_holds_back_what_a_stop_string_may_remove():
+    row = _row(stop=["END"])
+    sent = [row.push(ord(c)) for c in "abcEN"]
+    assert "".join(sent) == "abc" and row.finish is None  # "EN" may start "END": held back
+    assert row.push(ord("X")) == "ENX"  # it did not
+    assert "".join(row.push(ord(c)) for c in "yEND") == "y" and row.finish == "stop" and row.text == "abcENXy"
+
+
+def test_end_of_sequence_and_max_tokens_and_ignore_eos():
+    row = _row(max_tokens=3)
+    assert row.push(ord("a")) == "a" and row.push(0) == "" and row.finish == "stop" and row.generated == 2
+    row = _row(max_tokens=3, ignore_eos=True)
+    for t in (ord("a"), 0, ord("b")):
+        row.push(t)
+    assert row.finish == "length" and row.generated == 3
+
+
+def test_half_a_character_is_never_sent():
+    row = _row()
+    assert row.push(ord("a")) == "a"
+    assert row.push(0xFFFD) == ""  # how a tokenizer decodes an incomplete UTF-8 sequence
+    assert row.push(ord("b")) == "\ufffdb"

@@ -139,8 +139,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "adapters_loaded": len(registry.loaded()),
-                "running": len(engine.rows), "waiting": engine.waiting}
+        body = {"status": "ok" if engine.alive else "engine stopped", "model": model_name,
+                "adapters_loaded": len(registry.loaded()), "running": len(engine.rows), "waiting": engine.waiting}
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/metrics", dependencies=[Depends(authorize)])
     async def metrics_text():

@@ -105,6 +105,11 @@ class Engine:
         return c.future
 
     @property
+    def alive(self) -> bool:
+        """The worker thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def waiting(self) -> int:
         return len(self.pending) + self._inbox.qsize()
 

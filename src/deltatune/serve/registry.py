@@ -163,9 +163,15 @@ class AdapterRegistry:
                 return {"name": name, "loaded": True, "already_loaded": True, "bytes": self._loaded[name].nbytes,
                         "evicted": []}
             folder = self.folder(name)
-            if len(self._loaded) >= self.max_adapters and not self._evictable():
+            pinned = [e for e in self._loaded.values() if e.pins]
+            if len(pinned) >= self.max_adapters:
                 raise CacheFull(f"cannot load adapter {name!r}: all {len(self._loaded)} loaded adapters "
                                 f"(--max-adapters {self.max_adapters}) are in use; retry shortly")
+            weights = folder / WEIGHTS_NAME  # its size estimates the tensors: no load only to find no room
+            estimate = weights.stat().st_size if weights.is_file() else 0
+            if estimate <= self.max_bytes < sum(e.nbytes for e in pinned) + estimate:
+                raise CacheFull(f"cannot load adapter {name!r} (~{estimate} bytes): the adapters in use fill the "
+                                f"cache (--max-adapter-bytes {self.max_bytes}); retry shortly")
             internal = f"srv{next(self._ids)}"
             try:
                 self.dm.load(folder, internal)

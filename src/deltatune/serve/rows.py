@@ -5,7 +5,7 @@ A request is the engine's unit of work; it talks back through ``sink`` (called o
 new piece of output, then exactly one ``done`` or ``error``.
 
 Streaming text must never show what a stop sequence will later remove, nor half a UTF-8 character: a row holds
-back the last ``len(longest stop) - 1`` characters, and anything ending in U+FFFD, until more tokens decide them.
+back the end of its text that begins some stop string, and a trailing U+FFFD, until more tokens decide them.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ class Row:
         self.sent = 0
         self.finish: str | None = None
         self.first_token_at: float | None = None
-        self.hold = max((len(s) for s in req.stop), default=1) - 1
         self.gen = None
         if req.temperature > 0 and req.seed is not None:
             self.gen = torch.Generator().manual_seed(req.seed)
@@ -86,13 +85,24 @@ class Row:
                 self.finish = "length"
         end = len(self.text)
         if self.finish is None:
-            end -= self.hold
+            end -= self._stop_prefix()
             while end > self.sent and self.text[end - 1] == "\ufffd":
                 end -= 1
         if end <= self.sent:
             return ""
         piece, self.sent = self.text[self.sent:end], end
         return piece
+
+
+    def _stop_prefix(self) -> int:
+        """Length of the longest end of the text that begins a stop string (it may still become one)."""
+        best = 0
+        for s in self.req.stop:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
 
 
 def choose(logits: Tensor, rows: Sequence[Row]) -> list[int]:
