@@ -293,6 +293,46 @@ def merge_checkpoints(
 
 
 @app.command()
+def serve(
+    model: str = typer.Option(..., "--model", help="Short name, HF folder or .gguf file (a causal LM)."),
+    adapters: Path = typer.Option(..., "--adapters", help="Folder whose sub-folders are the adapters served."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(8000, "--port"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="DELTATUNE_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' (or set DELTATUNE_API_KEY)."),
+    model_name: str | None = typer.Option(None, "--model-name", help="Id clients use (default: from --model)."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Rows per forward pass."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="How long an idle engine waits to batch."),
+    max_adapters: int = typer.Option(16, "--max-adapters", help="Adapters loaded at once (LRU eviction)."),
+    max_adapter_bytes: int = typer.Option(1 << 30, "--max-adapter-bytes", help="Bytes of adapters loaded at once."),
+    max_prompt_tokens: int = typer.Option(4096, "--max-prompt-tokens"),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes"),
+    preload: list[str] = typer.Option([], "--preload", help="Adapter to load at start (repeatable)."),
+    log_level: str = typer.Option("info", "--log-level"),
+):
+    """Serve a model and its adapters over an OpenAI-compatible HTTP API (needs the ``serve`` extra).
+
+    Requests name ``MODEL`` or ``MODEL:ADAPTER``; requests for different adapters share forward passes.
+
+    Example: deltatune serve --model smollm2-135m --adapters runs/ --port 8000
+    """
+    try:
+        from .serve.app import Limits
+        from .serve.registry import AdapterError
+        from .serve.server import serve as run
+    except ImportError as e:
+        _fail(ValueError(f"deltatune serve needs FastAPI and uvicorn: pip install 'deltatune[serve]' ({e})"))
+    try:
+        run(model, adapters, host=host, port=port, api_key=api_key, model_name=model_name, log_level=log_level,
+            max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_adapters=max_adapters,
+            max_adapter_bytes=max_adapter_bytes, preload=preload,
+            limits=Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_bytes=max_body_bytes))
+    except (ValueError, FileNotFoundError, KeyError, TypeError, NotImplementedError, AdapterError) as e:
+        _fail(e)
+
+
+@app.command()
 def demo(
     steps: int = typer.Option(None, "--steps", help="Training steps (default: the demo's tuned value)."),
     output: Path = typer.Option(Path("runs/demo"), "--output"),

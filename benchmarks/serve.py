@@ -1,0 +1,243 @@
+"""Serving benchmarks: many adapters on one base. Each part is an independent function chosen by ``--part``.
+
+``--part server``: the OpenAI-compatible server (``deltatune serve``) under load. SmolLM2-135M-Instruct, float32,
+CPU; 64 LoRA adapters r=16 alpha=32 on every linear layer but the output head, A and B random and non-zero
+(``init="random"``, seeds 0..63), saved to a temporary adapters folder. The server runs in its own process
+(``python -m deltatune.cli serve --max-batch 16 --batch-wait-ms 10 --max-adapters 64``, OMP_NUM_THREADS=2), every
+adapter preloaded; the clients are asyncio + httpx in this process, each sending one request at a time (closed
+loop), ``POST /v1/chat/completions`` with a short prompt, ``temperature 0``, ``max_tokens 16`` and
+``ignore_eos`` (so every request generates exactly 16 tokens):
+
+1. 8 concurrent clients, 200 requests over 16 adapters (request i uses adapter ``a{i % 16}``): requests/s,
+   p50/p95 latency, generated tokens/s; zero errors required.
+2. tokens/s against the number of distinct adapters in the traffic (1, 4, 16, 64; and the base alone), 16
+   concurrent clients, as S-LoRA reports it (throughput should stay flat as adapters multiply).
+
+Writes the ``serve-server`` section of ``benchmarks/RESULTS.md``.
+
+    python benchmarks/serve.py --part server [--quick] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_smollm2, machine_info, markdown_table, setup, text_table, write_section  # noqa: E402
+
+import deltatune as dt  # noqa: E402
+
+SERVER_THREADS = 2
+SERVE_R, SERVE_ALPHA, SERVE_TOKENS = 16, 32, 16
+SERVE_ADAPTERS, SERVE_CLIENTS, SERVE_REQUESTS = 16, 8, 200
+SWEEP = (0, 1, 4, 16, 64)  # distinct adapters in the traffic (0 = the base model alone)
+SWEEP_CLIENTS, SWEEP_REQUESTS, MAX_BATCH = 16, 96, 16
+PROMPTS = [
+    "Describe the restaurant Aromi in one sentence.", "What is the capital of France?",
+    "Write a haiku about the sea.", "Give me three tips for learning Python.", "Summarise: the cat sat on the mat.",
+    "Translate 'good morning' into Spanish.", "Name a famous painting.", "Why is the sky blue?",
+]
+
+
+class Log:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.0f} s] {msg}", flush=True)
+
+
+# -- server part ---------------------------------------------------------------------------------------
+def make_adapters(folder: Path, n: int, log: Log) -> int:
+    """``n`` random LoRA adapters (a0 .. a{n-1}) for SmolLM2 in ``folder``; returns the bytes of one."""
+    model = load_smollm2()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = dt.LoRAConfig(r=SERVE_R, alpha=SERVE_ALPHA, init="random")
+    for i in range(n):
+        torch.manual_seed(i)
+        dm = dt.attach(model, cfg)
+        dm.save(folder / f"a{i}")
+        dm.delete("default")
+    log(f"wrote {n} adapters to {folder}")
+    return (folder / "a0" / "adapter_model.safetensors").stat().st_size
+
+
+class ServerProcess:
+    """``deltatune serve`` in a child process on a free port; ``url``; stopped on exit."""
+
+    def __init__(self, adapters: Path, max_adapters: int, preload: list[str]):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "deltatune.cli", "serve", "--model", "smollm2-135m", "--model-name", "smollm2",
+                "--adapters", str(adapters), "--port", str(self.port), "--max-batch", str(MAX_BATCH),
+                "--batch-wait-ms", "10", "--max-adapters", str(max_adapters), "--max-adapter-bytes", str(1 << 34),
+                "--log-level", "warning", *[x for p in preload for x in ("--preload", p)]]
+        env = {**os.environ, "OMP_NUM_THREADS": str(SERVER_THREADS), "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def __enter__(self) -> ServerProcess:
+        import httpx
+
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start:\n{self.proc.stderr.read().decode()[-3000:]}")
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+async def _traffic(url: str, models: list[str], clients: int) -> dict:
+    """Send one request per entry of ``models`` with ``clients`` concurrent closed-loop clients."""
+    import httpx
+
+    jobs = list(enumerate(models))
+    latencies: list[float] = []
+    errors: list[str] = []
+    tokens = [0]
+
+    async def client(c: httpx.AsyncClient) -> None:
+        while jobs:
+            i, model = jobs.pop(0)
+            body = {"model": model, "max_tokens": SERVE_TOKENS, "temperature": 0, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+            t = time.perf_counter()
+            try:
+                r = await c.post("/v1/chat/completions", json=body)
+            except httpx.HTTPError as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
+            latencies.append(time.perf_counter() - t)
+            if r.status_code != 200:
+                errors.append(f"{r.status_code}: {r.text[:200]}")
+            else:
+                tokens[0] += r.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client(c) for _ in range(clients)])
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    return {"requests": len(models), "errors": len(errors), "first_error": errors[0] if errors else "",
+            "wall_s": wall, "req_per_s": len(models) / wall, "tokens_per_s": tokens[0] / wall,
+            "p50_s": statistics.median(latencies), "p95_s": q[18]}
+
+
+def _decode_batches(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's decode batch-size histogram: rows per decode step, summed, and steps."""
+    import httpx
+
+    found = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f'deltatune_batch_size_{part}{{phase="decode"}}'):
+                found[part] = float(line.split()[-1])
+    return found.get("sum", 0.0), found.get("count", 0.0)
+
+
+def _measured(url: str, models: list[str], clients: int) -> dict:
+    """Run the traffic; add the mean number of rows per decode step the server ran meanwhile."""
+    s0, c0 = _decode_batches(url)
+    res = asyncio.run(_traffic(url, models, clients))
+    s1, c1 = _decode_batches(url)
+    res["mean_batch"] = (s1 - s0) / max(c1 - c0, 1)
+    return res
+
+
+def part_server(args: argparse.Namespace, log: Log) -> None:
+    setup(threads=SERVER_THREADS)
+    n_adapters = 4 if args.quick else max(SWEEP)
+    spread = min(SERVE_ADAPTERS, n_adapters)
+    n_requests = 16 if args.quick else SERVE_REQUESTS
+    sweep_requests = 16 if args.quick else SWEEP_REQUESTS
+    sweep = [k for k in SWEEP if k <= n_adapters]
+    tmp = Path(tempfile.mkdtemp(prefix="dt-serve-bench-"))
+    try:
+        adapter_bytes = make_adapters(tmp, n_adapters, log)
+        names = [f"a{i}" for i in range(n_adapters)]
+        with ServerProcess(tmp, n_adapters, preload=names) as srv:
+            log(f"server up at {srv.url} with {n_adapters} adapters preloaded")
+            asyncio.run(_traffic(srv.url, ["smollm2:a0"] * SWEEP_CLIENTS, SWEEP_CLIENTS))  # warm-up
+            models = [f"smollm2:a{i % spread}" for i in range(n_requests)]
+            main = _measured(srv.url, models, SERVE_CLIENTS)
+            log(f"{SERVE_CLIENTS} clients, {n_requests} requests over {spread} adapters: "
+                f"{main['req_per_s']:.2f} req/s, p50 {main['p50_s']:.2f} s, p95 {main['p95_s']:.2f} s, "
+                f"{main['tokens_per_s']:.1f} tok/s, {main['errors']} errors {main['first_error']}")
+            rows = []
+            for k in sweep:
+                models = [f"smollm2:a{i % k}" if k else "smollm2" for i in range(sweep_requests)]
+                res = _measured(srv.url, models, SWEEP_CLIENTS)
+                rows.append((k or "base", res["tokens_per_s"], res["req_per_s"], res["p50_s"], res["mean_batch"],
+                             res["errors"]))
+                log(f"  {k or 'base'} distinct adapters: {res['tokens_per_s']:.1f} tok/s, {res['errors']} errors")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    errors = main["errors"] + sum(r[-1] for r in rows)
+    head_main = ["clients", "requests", "adapters", "req/s", "p50 latency (s)", "p95 latency (s)", "tokens/s",
+                 "rows per decode step", "errors"]
+    row_main = [(SERVE_CLIENTS, n_requests, spread, main["req_per_s"], main["p50_s"], main["p95_s"],
+                 main["tokens_per_s"], main["mean_batch"], main["errors"])]
+    head_sweep = ["distinct adapters", "tokens/s", "req/s", "p50 latency (s)", "rows per decode step", "errors"]
+    print(text_table(head_main, row_main))
+    print(text_table(head_sweep, rows))
+    if errors:
+        raise SystemExit(f"{errors} request(s) failed; first: {main['first_error']}")
+    if args.no_write or args.quick:
+        log("not writing RESULTS.md (--no-write or --quick)")
+        return
+    info = machine_info()
+    body = "\n\n".join([
+        "## Serving: the OpenAI-compatible server (`benchmarks/serve.py --part server`)",
+        f"SmolLM2-135M-Instruct (float32, CPU), `deltatune serve` in its own process (OMP_NUM_THREADS={SERVER_THREADS}, "
+        f"--max-batch {MAX_BATCH}, --batch-wait-ms 10), LoRA r={SERVE_R} alpha={SERVE_ALPHA} on all linear layers "
+        f"but lm_head, random non-zero A and B ({adapter_bytes / 2**20:.1f} MiB each), all preloaded. Closed-loop "
+        f"clients (asyncio + httpx, same machine) send `POST /v1/chat/completions`, short prompts, greedy, "
+        f"max_tokens={SERVE_TOKENS} with `ignore_eos`.",
+        f"**{SERVE_CLIENTS} concurrent clients, {n_requests} requests over {SERVE_ADAPTERS} adapters**",
+        markdown_table(head_main, row_main),
+        f"**Throughput vs distinct adapters in the traffic** ({SWEEP_CLIENTS} clients, {sweep_requests} requests each; "
+        "S-LoRA's view: it should stay flat)",
+        markdown_table(head_sweep, rows),
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+    ])
+    write_section("serve-server", body)
+    log("wrote the serve-server section of benchmarks/RESULTS.md")
+
+
+PARTS: dict[str, Callable[[argparse.Namespace, Log], None]] = {"server": part_server}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=sorted(PARTS), required=True, help="which benchmark to run")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: fewer adapters and requests; no RESULTS.md")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = ap.parse_args()
+    PARTS[args.part](args, Log())
+
+
+if __name__ == "__main__":
+    main()

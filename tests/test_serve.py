@@ -1,0 +1,389 @@
+"""The OpenAI-compatible server end to end: a real uvicorn on a free localhost port, httpx as the client.
+
+A tiny random Llama with SmolLM2's tokenizer and chat template; adapters (LoRA x2, IA3, prompt tuning, a corrupt
+file, hostile symlinks) in a temporary folder. Every greedy answer is checked against ``deltatune generate`` with
+the same adapter (the library's ``generation.generate`` on a fresh model with the adapter loaded alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+import deltatune as dt
+from deltatune.serve import build_app
+from deltatune.serve.app import Limits
+from deltatune.serve.server import BackgroundServer
+from serve_helpers import IA3, LORA, LORA2, ROUTABLE, Reference, make_world, metric
+
+PROMPTS = ["Hello there", "The quick brown fox", "1 2 3 4", "name: Aromi, food: Thai, area: riverside"]
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def ref(world) -> Reference:
+    return Reference(world[0], world[1])
+
+
+def _server(world, **kw) -> BackgroundServer:
+    model, tok = dt.load_pretrained(world[0])
+    kw.setdefault("limits", Limits(max_prompt_tokens=64, max_tokens=256, max_body_bytes=4096))
+    return BackgroundServer(build_app(model, tok, world[1], model_name="tiny", **kw))
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    with _server(world, max_batch=8, batch_wait_ms=100, max_adapters=8) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def _complete(client, model, prompt, max_tokens=8, **kw) -> httpx.Response:
+    return client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                "temperature": 0, **kw})
+
+
+def _sse(response: httpx.Response) -> list:
+    lines = [x for x in response.iter_lines() if x]
+    assert all(x.startswith("data: ") for x in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(x[6:]) for x in lines[:-1]]
+
+
+# -- completions and chat ---------------------------------------------------------------------------
+@pytest.mark.parametrize("adapter", [None, *ROUTABLE])
+def test_greedy_completion_equals_deltatune_generate(client, ref, adapter):
+    r = _complete(client, "tiny" if adapter is None else f"tiny:{adapter}", PROMPTS[0], max_tokens=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == ("tiny" if adapter is None else f"tiny:{adapter}")
+    choice = body["choices"][0]
+    assert choice["text"].strip() == ref(adapter, PROMPTS[0], 10)
+    assert choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 10 and body["usage"]["total_tokens"] == 10 + body["usage"][
+        "prompt_tokens"]
+
+
+def test_adapters_change_the_answer(ref):
+    answers = {ref(a, PROMPTS[0], 10) for a in [None, *ROUTABLE]}
+    assert len(answers) == 4  # otherwise the equality tests would not tell adapters apart
+
+
+def test_chat_completion_uses_the_chat_template_like_deltatune_generate(client, ref):
+    r = client.post("/v1/chat/completions", json={"model": f"tiny:{LORA2}", "max_tokens": 9, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": PROMPTS[1]}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["message"]["content"].strip() == ref(LORA2, PROMPTS[1], 9, chat=True)
+
+
+def test_a_bare_adapter_name_is_a_model_too(client, ref):
+    r = _complete(client, IA3, PROMPTS[2], max_tokens=6)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].strip() == ref(IA3, PROMPTS[2], 6)
+
+
+def test_stop_sequence_ends_the_output_without_it(client):
+    full = _complete(client, f"tiny:{LORA}", PROMPTS[3], max_tokens=12).json()["choices"][0]["text"]
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    r = _complete(client, f"tiny:{LORA}", PROMPTS[3], max_tokens=12, stop=[stop])
+    choice = r.json()["choices"][0]
+    assert choice["text"] == full[:full.index(stop)] and choice["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/completions", json={"model": f"tiny:{LORA}", "prompt": PROMPTS[3], "max_tokens": 12,
+                                                        "temperature": 0, "stop": stop, "stream": True}) as s:
+        chunks = _sse(s)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_seeded_sampling_repeats_and_tiny_top_p_is_greedy(client):
+    def ask(**kw):
+        return client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                    **kw}).json()["choices"][0]["text"]
+
+    assert ask(temperature=1.5, seed=7) == ask(temperature=1.5, seed=7)
+    assert ask(temperature=1.0, top_p=1e-6, seed=1) == ask(temperature=0)
+
+
+# -- streaming --------------------------------------------------------------------------------------
+def test_streamed_completion_joins_to_the_non_streamed_text(client):
+    want = _complete(client, f"tiny:{LORA}", PROMPTS[1], max_tokens=10).json()["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={"model": f"tiny:{LORA}", "prompt": PROMPTS[1], "max_tokens": 10,
+                                                        "temperature": 0, "stream": True}) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        chunks = _sse(s)
+    assert all(c["object"] == "text_completion" for c in chunks) and len({c["id"] for c in chunks}) == 1
+    assert len(chunks) > 2 and "".join(c["choices"][0]["text"] for c in chunks) == want
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_streamed_chat_has_role_content_finish_and_usage(client, ref):
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "tiny", "max_tokens": 7, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": PROMPTS[0]}]}) as s:
+        chunks = _sse(s)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 7
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    assert text.strip() == ref(None, PROMPTS[0], 7, chat=True)
+
+
+# -- models and adapters ----------------------------------------------------------------------------
+def test_models_lists_the_base_and_every_servable_adapter(client):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids[0] == "tiny"
+    # "empty" has no config; "escape" and "linked" lead out of the folder; none of them is listed
+    assert sorted(ids[1:]) == sorted(f"tiny:{n}" for n in [LORA, LORA2, IA3, "bad", "prompt"])
+
+
+def test_load_and_unload(client):
+    client.post("/v1/adapters/unload", json={"name": LORA2})  # whatever earlier tests left
+    r = client.post("/v1/adapters/load", json={"name": LORA2})
+    assert r.status_code == 200 and r.json()["loaded"] and r.json()["bytes"] > 0
+    assert client.post("/v1/adapters/load", json={"name": LORA2}).json()["already_loaded"]
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models[f"tiny:{LORA2}"]["loaded"]
+    assert client.post("/v1/adapters/unload", json={"name": LORA2}).json() == {"name": LORA2, "unloaded": True}
+    assert not {m["id"]: m for m in client.get("/v1/models").json()["data"]}[f"tiny:{LORA2}"]["loaded"]
+    r = client.post("/v1/adapters/unload", json={"name": LORA2})
+    assert r.status_code == 404 and "not loaded" in r.json()["error"]["message"]
+    assert client.post("/v1/adapters/load", json={"name": "nope"}).status_code == 404
+    assert client.post("/v1/adapters/load", json={"name": LORA2, "path": "/tmp"}).status_code == 400
+
+
+@pytest.mark.parametrize("how", ["load", "request"])
+def test_a_bad_adapter_file_is_rejected_and_the_server_keeps_serving(client, ref, how):
+    r = (client.post("/v1/adapters/load", json={"name": "bad"}) if how == "load"
+         else _complete(client, "tiny:bad", PROMPTS[0]))
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert "'bad'" in msg and "not a readable safetensors file" in msg and str(os.sep + "adapters") not in msg
+    ok = _complete(client, f"tiny:{LORA}", PROMPTS[0], max_tokens=5)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"].strip() == ref(LORA, PROMPTS[0], 5)
+
+
+def test_an_input_level_adapter_is_refused_with_the_reason(client):
+    r = _complete(client, "tiny:prompt", PROMPTS[0])
+    assert r.status_code == 400 and "cannot be routed per row" in r.json()["error"]["message"]
+    assert "prompt" not in client.get("/health").json() and client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("name, status", [
+    ("../outside", 400), ("..", 400), ("/etc", 400), ("a/../../outside", 400), ("escape", 403), ("linked", 403),
+    ("a\\..\\x", 400), ("", 400),
+])
+def test_adapter_names_cannot_leave_the_folder(client, name, status):
+    assert client.post("/v1/adapters/load", json={"name": name}).status_code == status
+    r = _complete(client, f"tiny:{name}", PROMPTS[0])
+    assert r.status_code == status, r.text
+    assert not any(m.get("root") in ("escape", "linked", "secret")
+                   for m in client.get("/v1/models").json()["data"])
+
+
+def test_lru_eviction_by_count_and_by_bytes(world):
+    with _server(world, max_adapters=2) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        for name in (LORA, LORA2):
+            assert _complete(c, f"tiny:{name}", PROMPTS[0], max_tokens=2).status_code == 200
+        assert _complete(c, f"tiny:{LORA}", PROMPTS[0], max_tokens=2).status_code == 200  # LORA2 is now the LRU
+        r = c.post("/v1/adapters/load", json={"name": IA3})
+        assert r.json()["evicted"] == [LORA2]
+        loaded = {m["root"] for m in c.get("/v1/models").json()["data"] if m.get("loaded")}
+        assert loaded == {LORA, IA3}
+        assert metric(c.get("/metrics").text, "deltatune_adapters_loaded") == 2
+    sizes = {}
+    with _server(world) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        for name in (LORA, LORA2, IA3):
+            sizes[name] = c.post("/v1/adapters/load", json={"name": name}).json()["bytes"]
+    budget = sizes[LORA] + sizes[IA3]  # room for these two, not for all three
+    with _server(world, max_adapter_bytes=budget) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        assert c.post("/v1/adapters/load", json={"name": LORA}).json()["evicted"] == []
+        assert c.post("/v1/adapters/load", json={"name": IA3}).json()["evicted"] == []
+        assert c.post("/v1/adapters/load", json={"name": LORA2}).json()["evicted"] == [LORA]
+        assert metric(c.get("/metrics").text, "deltatune_adapter_bytes") <= budget
+    with _server(world, max_adapter_bytes=sizes[IA3]) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        r = c.post("/v1/adapters/load", json={"name": LORA})
+        assert r.status_code == 413 and "--max-adapter-bytes" in r.json()["error"]["message"]
+
+
+# -- safety -----------------------------------------------------------------------------------------
+def test_api_key_is_required_when_set(world):
+    with _server(world, api_key=KEY) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        good = {"Authorization": f"Bearer {KEY}"}
+        assert c.get("/health").status_code == 200  # liveness stays open
+        for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/completions",
+                                                                 {"model": "tiny", "prompt": "x", "max_tokens": 1}),
+                                   ("POST", "/v1/adapters/load", {"name": LORA}), ("GET", "/metrics", None)]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+                r = c.request(method, path, json=body, headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers)
+            assert c.request(method, path, json=body, headers=good).status_code == 200, path
+
+
+def test_limits_answer_4xx_with_clear_messages(client):
+    big = "x" * 5000
+    r = client.post("/v1/completions", content=json.dumps({"model": "tiny", "prompt": big}),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+
+    def chunked():
+        for _ in range(10):
+            yield b" " * 1000
+
+    assert client.post("/v1/completions", content=chunked()).status_code == 413  # no content-length to trust
+    r = _complete(client, "tiny", "word " * 100)
+    assert r.status_code == 400 and "limit of 64" in r.json()["error"]["message"]
+    r = _complete(client, "tiny", "hi", max_tokens=1000)
+    assert r.status_code == 400 and "max_tokens=1000" in r.json()["error"]["message"]
+    for body, word in [({"model": "tiny", "prompt": "hi", "n": 2}, "n=2"), ({"model": "tiny"}, "prompt"),
+                       ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+                       ({"model": "tiny", "prompt": ["a", "b"]}, "one prompt"),
+                       ({"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop")]:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 400 and word in r.json()["error"]["message"], body
+    assert client.post("/v1/completions", content=b"{not json").status_code == 400
+    r = _complete(client, "gpt-4", "hi")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+# -- batching ---------------------------------------------------------------------------------------
+def test_concurrent_requests_for_different_adapters_are_batched_and_correct(server, ref):
+    jobs = [(adapter, PROMPTS[i % len(PROMPTS)]) for i, adapter in enumerate([None, *ROUTABLE] * 2)]
+    before = httpx.get(server.url + "/metrics").text
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            return await asyncio.gather(*[
+                c.post("/v1/completions", json={"model": "tiny" if a is None else f"tiny:{a}", "prompt": p,
+                                                "max_tokens": 8, "temperature": 0}) for a, p in jobs])
+
+    answers = asyncio.run(run())
+    for (adapter, prompt), r in zip(jobs, answers):
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].strip() == ref(adapter, prompt, 8), adapter
+    after = httpx.get(server.url + "/metrics").text
+
+    def passes(text, name, le):
+        count = metric(text, f"{name}_count", phase="decode")
+        return count, count - metric(text, f"{name}_bucket", phase="decode", le=le)
+
+    total = passes(after, "deltatune_batch_size", "1")[0] - passes(before, "deltatune_batch_size", "1")[0]
+    wide = passes(after, "deltatune_batch_size", "4")[1] - passes(before, "deltatune_batch_size", "4")[1]
+    mixed = passes(after, "deltatune_batch_adapters", "3")[1] - passes(before, "deltatune_batch_adapters", "3")[1]
+    assert total > 0 and wide > 0  # some decode steps ran more than 4 rows at once ...
+    assert mixed > 0  # ... for all 4 models (base + 3 adapters) in one forward pass
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(client):
+    cancelled = metric(client.get("/metrics").text, "deltatune_generations_total", reason="cancelled")
+    with client.stream("POST", "/v1/completions", json={"model": f"tiny:{LORA}", "prompt": PROMPTS[0],
+                                                        "max_tokens": 200, "temperature": 0, "stream": True}) as s:
+        lines = s.iter_lines()
+        assert next(lines).startswith("data: ")
+    with httpx.Client(base_url=client.base_url, timeout=0.3) as impatient:  # a non-streaming client giving up
+        with pytest.raises(httpx.ReadTimeout):
+            _complete(impatient, f"tiny:{LORA2}", PROMPTS[0], max_tokens=200)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = client.get("/metrics").text
+        if metric(text, "deltatune_generations_total", reason="cancelled") == cancelled + 2:
+            break
+        time.sleep(0.05)
+    assert metric(text, "deltatune_generations_total", reason="cancelled") == cancelled + 2
+    assert client.get("/health").json()["running"] == 0
+    r = client.post("/v1/adapters/unload", json={"name": LORA})  # no longer pinned by the dropped rows
+    assert r.status_code == 200
+
+
+def test_metrics_page_is_prometheus_text(client):
+    text = client.get("/metrics").text
+    for name in ["deltatune_requests_total", "deltatune_generated_tokens_total", "deltatune_batch_size",
+                 "deltatune_request_latency_seconds", "deltatune_adapters_loaded"]:
+        assert f"# TYPE {name} " in text
+    assert metric(text, "deltatune_requests_total", endpoint="/v1/completions", status="200") > 0
+    assert metric(text, "deltatune_request_latency_seconds_count") > 0
+
+
+# -- the command line, and a real model -------------------------------------------------------------
+@pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~15 s on a busy machine
+def test_deltatune_serve_command_serves(world, ref):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "DELTATUNE_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deltatune.cli", "serve", "--model", str(world[0]), "--adapters",
+                             str(world[1]), "--port", str(port), "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(url + "/v1/models").status_code == 401
+        r = httpx.post(url + "/v1/completions", headers=auth, timeout=60,
+                       json={"model": "tiny:a", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0})
+        assert r.json()["choices"][0]["text"].strip() == ref(LORA, PROMPTS[0], 6)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.slow
+def test_smollm2_with_a_trained_adapter_answers_like_deltatune_generate(tmp_path):
+    """The real SmolLM2-135M-Instruct and a LoRA trained a few steps: chat answers equal the library's."""
+    import torch
+
+    from deltatune.generation import generate as lib_generate
+
+    model, tok = dt.load_pretrained("smollm2-135m")
+    dm = dt.attach(model, dt.LoRAConfig(r=8, alpha=16))
+    enc = tok(["Aromi is a Thai restaurant in the city centre. It is family friendly."], return_tensors="pt")
+    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=2e-3)
+    dm.train()
+    for _ in range(8):
+        dm(**enc, labels=enc["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    dm.eval()
+    dm.save(tmp_path / "adapters" / "aromi")
+    prompt = "Describe the restaurant Aromi in one sentence."
+    want = lib_generate(dm, tok, [prompt], max_new_tokens=16)[0]
+    with dm.disabled():
+        base = lib_generate(dm, tok, [prompt], max_new_tokens=16)[0]
+    assert want != base
+    plain, tok = dt.load_pretrained("smollm2-135m")
+    with BackgroundServer(build_app(plain, tok, tmp_path / "adapters", model_name="smollm2")) as s:
+        async def ask_both():
+            async with httpx.AsyncClient(base_url=s.url, timeout=120) as c:
+                return await asyncio.gather(*[
+                    c.post("/v1/chat/completions", json={"model": m, "max_tokens": 16, "temperature": 0,
+                                                         "messages": [{"role": "user", "content": prompt}]})
+                    for m in ("smollm2:aromi", "smollm2")])
+
+        adapted, plain_answer = asyncio.run(ask_both())
+    assert adapted.json()["choices"][0]["message"]["content"].strip() == want
+    assert plain_answer.json()["choices"][0]["message"]["content"].strip() == base
