@@ -178,7 +178,10 @@ class PeakRSS:
 
 def run_child(script: Path | str, args: Sequence[str], timeout: float = 900) -> dict[str, Any]:
     """Run ``python script *args`` in a fresh process; it must print one JSON line prefixed ``RESULT ``."""
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{script} {' '.join(args)} timed out after {timeout:.0f} s") from None
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
