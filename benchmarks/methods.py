@@ -103,7 +103,7 @@ def e2e_files(tmp: Path, tok) -> tuple[Path, list[str], list[list[str]]]:
 
 # -- one run (child process) ----------------------------------------------------------------------
 def child(method: str, task: str, args) -> dict:
-    C.setup(threads=2)
+    C.setup(threads=args.threads)
     C.quiet_transformers()
     import deltatune as dt
     from deltatune.generation import bleu, generate
@@ -190,7 +190,7 @@ def child(method: str, task: str, args) -> dict:
             "percent": 100 * trainable / n_model, "adapter_bytes": adapter_bytes,
             "tokens_per_s": tokens / train_s, "median_step_s": statistics.median(steps_t), "peak_mb": peak,
             "score": score, "metric": "accuracy" if task == "sst2" else "BLEU",
-            "date": C.machine_info()["date"], "load_avg": os.getloadavg()[0]}
+            "date": C.machine_info()["date"], "load_avg": os.getloadavg()[0], "threads": args.threads}
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ BUSY_LOAD = 3.0  # 1-minute load average above which a run shared the 2 cores wi
 
 def _throughput(r: dict) -> str:
     """tokens/s, or a marked figure when the run shared the CPU (its quality figures are unaffected)."""
-    if r.get("load_avg", 0.0) > BUSY_LOAD:
+    if r.get("load_avg", 0.0) > BUSY_LOAD or r.get("threads", 2) != 2:
         return f"({r['tokens_per_s']:.0f})*"
     return f"{r['tokens_per_s']:.0f}"
 
@@ -246,10 +246,10 @@ def report(results: dict[str, dict], args) -> None:
         "accuracy on the 872 dev sentences. E2E: SmolLM2-135M-Instruct, the shipped E2E sample, "
         f"{TASKS['e2e']['steps']} steps of batch {TASKS['e2e']['batch']}, BLEU on {args.e2e_eval} unseen MRs "
         "(greedy, 48 new tokens). Same data, batch order, linear schedule with warm-up and clipping for all; "
-        "the learning rate per method is in the table. Each run in a fresh process on 2 CPU threads, float32; "
+        "the learning rate per method is in the table. Each run in a fresh process on 2 CPU threads (unless marked), float32; "
         "peak RSS growth over the process's RSS after loading. Full fine-tuning's 'adapter file' is the size of "
         "all weights. Pareto plot: `benchmarks/methods_pareto.png`. A tokens/s figure in parentheses with * was "
-        f"measured while other work shared the CPU (load average > {BUSY_LOAD:g} at the end of the run): not "
+        f"measured while other work shared the CPU (load average > {BUSY_LOAD:g} at the end of the run) or on 1 thread: not "
         "comparable; the scores, sizes and memory are unaffected.",
         "",
         C.markdown_table(headers, rows),
@@ -301,6 +301,8 @@ def main() -> None:
     ap.add_argument("--e2e-eval", type=int, default=30)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads per run (1 when other work shares the CPU: no OpenMP spin-waits)")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "TASK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -325,7 +327,8 @@ def main() -> None:
                 t = time.perf_counter()
                 try:
                     results[key] = C.run_child(__file__, ["--child", method, task, "--sst2-train", str(args.sst2_train),
-                                                          "--e2e-eval", str(args.e2e_eval)], timeout=3600)
+                                                          "--e2e-eval", str(args.e2e_eval),
+                                                          "--threads", str(args.threads)], timeout=3600)
                 except RuntimeError as e:
                     print(f"{key}: FAILED\n{e}", flush=True)
                     continue
