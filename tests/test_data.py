@@ -289,3 +289,13 @@ def test_e2e_prompt():
     p = e2e_prompt("name : Aromi | eatType : coffee shop | area : city centre")
     assert p == "Describe this restaurant in one sentence.\nname: Aromi, eatType: coffee shop, area: city centre"
     assert e2e_prompt("name[Aromi], priceRange[less than £20]").endswith("name: Aromi, priceRange: less than £20")
+
+
+def test_tsv_quotes_are_text_not_quoting(tmp_path):
+    """A TSV row whose text holds quote characters is one row, with the quotes kept (no CSV quoting)."""
+    from deltatune.train.data import _read
+
+    f = tmp_path / "q.tsv"
+    f.write_text('text\tlabel\nwhat does "ok\tyes\nsay "hi" to\tno\nplain\tyes\n')
+    rows = [r for _, r in _read(f)]
+    assert [r["text"] for r in rows] == ['what does "ok', 'say "hi" to', "plain"]

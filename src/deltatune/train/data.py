@@ -66,7 +66,10 @@ def _read(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                 raise DataError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
             rows.append((n, row))
     else:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        # TSV has no quoting (IANA text/tab-separated-values; GLUE's files): a quote is text, so a query like
+        # 'what does "ok" mean' stays one row; CSV keeps the usual "..." quoting
+        reader = (csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+                  if suffix == ".tsv" else csv.reader(io.StringIO(text, newline="")))
         header: list[str] | None = None
         start = 1
         for record in reader:
