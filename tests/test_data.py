@@ -296,6 +296,6 @@ def test_tsv_quotes_are_text_not_quoting(tmp_path):
     from deltatune.train.data import _read
 
     f = tmp_path / "q.tsv"
-    f.write_text('text\tlabel\nwhat does "ok\tyes\nsay "hi" to\tno\nplain\tyes\n')
+    f.write_text('text\tlabel\n"play it\tyes\n"hi" there\tno\nplain\tyes\n')
     rows = [r for _, r in _read(f)]
-    assert [r["text"] for r in rows] == ['what does "ok', 'say "hi" to', "plain"]
+    assert [r["text"] for r in rows] == ['"play it', '"hi" there', "plain"]
