@@ -44,7 +44,7 @@ METHODS: dict[str, tuple[dict, float, float]] = {
     "full": ({}, 1e-4, 5e-5),
     "lora": ({"r": 4, "alpha": 8}, 2e-3, 1e-3),
     "dora": ({"r": 4, "alpha": 8}, 2e-3, 1e-3),
-    "adalora": ({}, 2e-3, 1e-3),
+    "adalora": ({"orth_reg_weight": 0.1}, 2e-3, 1e-3),  # the authors' GLUE setting
     "dylora": ({"r": 8}, 1e-3, 1e-3),
     "vera": ({}, 1e-2, 5e-3),
     "loha": ({}, 1e-3, 1e-3),
@@ -335,7 +335,9 @@ def main() -> None:
                 r = results[key]
                 print(f"  {r['score']:.2f} {r['metric']}, {r['trainable']:,} trainable, "
                       f"{r['tokens_per_s']:.0f} tok/s ({time.perf_counter() - t:.0f} s)", flush=True)
-                if not args.no_write:
+                if not args.no_write:  # re-read first: another run may have added rows meanwhile
+                    stored = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+                    results = {**stored, key: r}
                     RESULTS_JSON.write_text(json.dumps(results, indent=1, sort_keys=True))
     report(results, args)
 

@@ -138,8 +138,10 @@ def test_orthogonal_regularizer_matches_a_direct_computation():
         norms += [b.sqrt(), a.sqrt()]
     torch.testing.assert_close(orthogonal_regularizer(deltas, "paper"), sq)
     torch.testing.assert_close(orthogonal_regularizer(deltas, "peft"), sum(norms) / len(norms))
-    alloc = RankAllocator(dm, "default", total_step=10)
-    torch.testing.assert_close(alloc.regularizer(), 0.5 * sq)
+    alloc = RankAllocator(dm, "default", total_step=10)  # the default form is the authors' code / PEFT's
+    torch.testing.assert_close(alloc.regularizer(), 0.5 * sum(norms) / len(norms))
+    paper = dt.attach(seeded(build_mlp), AdaLoRAConfig(init_r=3, target_r=1, init="random", orth_reg_form="paper"))
+    torch.testing.assert_close(RankAllocator(paper, "default", total_step=10).regularizer(), 0.5 * sq)
     # it has gradients toward orthogonality
     r = orthogonal_regularizer(deltas)
     r.backward()

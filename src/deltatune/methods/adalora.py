@@ -9,9 +9,12 @@ starts as the base; P and Q start N(0, 0.02) as in PEFT.
 
 Training (paper section 3) adds two things, both driven by :class:`RankAllocator`:
 
-- the orthogonality regulariser ``R = sum_modules ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2`` (paper eq. 4),
-  weighted by ``orth_reg_weight``. ``orth_reg_form="peft"`` uses the authors' code / PEFT form instead:
-  the mean over all P and Q matrices of the (unsquared) Frobenius norms.
+- the orthogonality regulariser, weighted by ``orth_reg_weight``. Default (``orth_reg_form="peft"``): the
+  authors' released code and PEFT, the mean over all P and Q matrices of ``||P^T P - I||_F`` and
+  ``||Q Q^T - I||_F``. ``orth_reg_form="paper"``: eq. 4 as printed, ``R = sum_modules ||P^T P - I||_F^2 +
+  ||Q Q^T - I||_F^2``; it grows with the number of modules, and at weight 0.5 its early gradients fill
+  Adam's second moments for P and Q so that they barely learn in a short run (SST-2 on MiniLM, 250 steps:
+  62.0% dev accuracy, against 75.8% with the default form at 0.5, 80.7% at 0.1 and 81.8% without it).
 - the rank budget: the sensitivity ``I = |w * grad w|`` of every entry of P, lambda, Q is smoothed by an
   EMA (``beta1``) and its uncertainty ``U = |I - Ibar|`` by another (``beta2``), ``s = Ibar * Ubar``; a
   triplet's importance is ``S_i = s(lambda_i) + mean_j s(P_ji) + mean_j s(Q_ij)`` (eq. 9). The total
@@ -87,7 +90,7 @@ class AdaLoRAConfig(DeltaConfig):
     beta1: float = Field(0.85, gt=0.0, lt=1.0)
     beta2: float = Field(0.85, gt=0.0, lt=1.0)
     orth_reg_weight: float = Field(0.5, ge=0.0)
-    orth_reg_form: Literal["paper", "peft"] = "paper"
+    orth_reg_form: Literal["paper", "peft"] = "peft"
     total_step: int | None = Field(None, gt=0)
     rank_pattern: dict[str, list[bool]] | None = None
     init: Literal["svd", "random"] = "svd"
