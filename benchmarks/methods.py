@@ -248,7 +248,9 @@ def report(results: dict[str, dict], args) -> None:
         "(greedy, 48 new tokens). Same data, batch order, linear schedule with warm-up and clipping for all; "
         "the learning rate per method is in the table. Each run in a fresh process on 2 CPU threads (unless marked), float32; "
         "peak RSS growth over the process's RSS after loading. Full fine-tuning's 'adapter file' is the size of "
-        "all weights. Pareto plot: `benchmarks/methods_pareto.png`. A tokens/s figure in parentheses with * was "
+        "all weights. Settings that differ from a method's defaults: "
+        + "; ".join(f"{m} {', '.join(f'{k}={v}' for k, v in kw.items())}" for m, (kw, _, _) in METHODS.items() if kw)
+        + ". Pareto plot: `benchmarks/methods_pareto.png`. A tokens/s figure in parentheses with * was "
         f"measured while other work shared the CPU (load average > {BUSY_LOAD:g} at the end of the run) or on 1 thread: not "
         "comparable; the scores, sizes and memory are unaffected.",
         "",
