@@ -161,7 +161,7 @@ def test_parameter_updates_show_inside_one_routing_context(zoo):
             d.lora_B.weight.mul_(2.0)
         after = dm(**x).logits
     assert torch.equal(before[0], after[0]) and not torch.allclose(before[1], after[1])
-    assert not dm._state.plans  # dropped when the routing ends
+    assert dm._state.plans  # kept for the next routing of the same rows (they hold no copies)
     assert_rows_match(dm, x, ["a0", "a1"])
 
 
@@ -174,6 +174,38 @@ def test_a_deleted_or_added_adapter_is_routed_afresh(zoo):
     dm.add(dt.LoRAConfig(r=6, init="random", targets="all-linear"), "a1")
     dm.eval()
     assert_rows_match(dm, x, ["a0", "a1", "a2"])
+
+
+def test_plans_are_kept_across_routings_with_the_same_rows_until_something_changes(zoo):
+    dm = lora_model(zoo, n=3)
+    x = zoo.inputs("llama", rows=3)
+    rows = ["a0", None, "a2"]
+    first = plans(dm, rows, x)
+    again = plans(dm, rows, x)  # a decoding loop routing every step: the plans are built once
+    assert first and all(again[s] is p for s, p in first.items())
+    other = plans(dm, ["a2", None, "a0"], x)
+    assert all(other[s] is not p for s, p in first.items())
+    with torch.no_grad():  # in-place updates between routings show: the plans hold the parameters themselves
+        for d in dm.deltas("a2").values():
+            d.lora_B.weight.mul_(-1.0)
+    assert_rows_match(dm, x, rows)
+    dm.activate("a1")  # any change drops them
+    assert not dm._state.plans
+    dm.double()  # the model's dtype is part of what plans are kept for
+    y = assert_rows_match(dm, {k: v for k, v in x.items()}, rows)
+    assert y.dtype == torch.float64
+
+
+def test_merged_adapters_are_still_refused_after_routing(zoo):
+    dm = lora_model(zoo, n=2)
+    x = zoo.inputs("llama", rows=2)
+    assert_rows_match(dm, x, ["a0", "a1"])
+    dm.activate("a0")
+    dm.merge()
+    with pytest.raises(RuntimeError, match="merged"):
+        out(dm, x, adapters=["a0", "a1"])
+    dm.unmerge()
+    assert_rows_match(dm, x, ["a0", "a1"])
 
 
 def test_grad_enabled_eval_forward_is_out_of_place_and_equal(zoo):

@@ -34,13 +34,27 @@ class SiteState:
     route: dict[str, Tensor] | None = None
     route_rows: int = 0
     version: int = 0
-    # each site's plan for the current routing, built on its first routed forward and dropped on any change
+    # each site's plan for routing ``plans_for`` (built on its first routed forward), dropped on any change
     plans: dict[Site, tuple[list[Callable], list[tuple[Delta, Tensor]]]] = field(
         default_factory=dict, repr=False, compare=False)
+    plans_for: tuple | None = field(default=None, repr=False, compare=False)
 
     def bump(self) -> None:
+        """Something changed (adapters, which are active, merging): cached per-site decisions are stale."""
         self.version += 1
         self.plans.clear()
+        self.plans_for = None
+
+    def set_route(self, route: dict[str, Tensor] | None, rows: int = 0, key: tuple | None = None) -> None:
+        """Start per-row routing (``route``: adapter -> its rows, of ``rows``), or end it (None).
+
+        Plans built for the same ``key`` (the adapters per row, and what else they depend on) since the last
+        ``bump`` are kept, so a decoding loop that routes every step builds them once.
+        """
+        if route is not None and (key is None or key != self.plans_for):
+            self.plans.clear()
+            self.plans_for = key
+        self.route, self.route_rows = route, rows
 
 
 class Site(nn.Module):
