@@ -60,7 +60,7 @@ def plans(dm, rows, x):
     """The routers and the loop list each site built for ``rows`` (read inside the routing context)."""
     with dm.routing(rows), torch.no_grad():
         dm(**x)
-        return dict(dm._state.plans)
+        return dict(dm._state.route_plans)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -162,6 +162,7 @@ def test_parameter_updates_show_inside_one_routing_context(zoo):
         after = dm(**x).logits
     assert torch.equal(before[0], after[0]) and not torch.allclose(before[1], after[1])
     assert dm._state.plans  # kept for the next routing of the same rows (they hold no copies)
+    assert not dm._state.route_plans  # but no routing is on
     assert_rows_match(dm, x, ["a0", "a1"])
 
 
@@ -185,6 +186,11 @@ def test_plans_are_kept_across_routings_with_the_same_rows_until_something_chang
     assert first and all(again[s] is p for s, p in first.items())
     other = plans(dm, ["a2", None, "a0"], x)
     assert all(other[s] is not p for s, p in first.items())
+    assert all(plans(dm, rows, x)[s] is p for s, p in first.items())  # the last few routings are kept
+    assert dm._state.keep_plans == 4
+    for others in (["a0", None, None], ["a1", None, None], ["a2", None, None], [None, None, None]):
+        plans(dm, others, x)
+    assert all(plans(dm, rows, x)[s] is not p for s, p in first.items())  # ... only the last few
     with torch.no_grad():  # in-place updates between routings show: the plans hold the parameters themselves
         for d in dm.deltas("a2").values():
             d.lora_B.weight.mul_(-1.0)

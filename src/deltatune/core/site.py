@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,9 @@ from .delta import Delta, MergeError, check_finite
 
 if TYPE_CHECKING:
     from .composition import Composition
+
+# a site's plan for one routing: routers (each serving a group of deltas at once), then (delta, rows) run alone
+Plan = tuple[list[Callable], list[tuple[Delta, Tensor]]]
 
 
 @dataclass
@@ -34,27 +37,33 @@ class SiteState:
     route: dict[str, Tensor] | None = None
     route_rows: int = 0
     version: int = 0
-    # each site's plan for routing ``plans_for`` (built on its first routed forward), dropped on any change
-    plans: dict[Site, tuple[list[Callable], list[tuple[Delta, Tensor]]]] = field(
-        default_factory=dict, repr=False, compare=False)
-    plans_for: tuple | None = field(default=None, repr=False, compare=False)
+    # each site's plan for the current routing (built on its first routed forward), in ``route_plans``; the
+    # plans of the last few routings, by key, in ``plans``. Every change drops them all.
+    route_plans: dict[Site, Plan] = field(default_factory=dict, repr=False, compare=False)
+    plans: dict[tuple, dict[Site, Plan]] = field(default_factory=dict, repr=False, compare=False)
+    keep_plans: ClassVar[int] = 4
 
     def bump(self) -> None:
         """Something changed (adapters, which are active, merging): cached per-site decisions are stale."""
         self.version += 1
         self.plans.clear()
-        self.plans_for = None
+        self.route_plans = {}
 
     def set_route(self, route: dict[str, Tensor] | None, rows: int = 0, key: tuple | None = None) -> None:
         """Start per-row routing (``route``: adapter -> its rows, of ``rows``), or end it (None).
 
-        Plans built for the same ``key`` (the adapters per row, and what else they depend on) since the last
-        ``bump`` are kept, so a decoding loop that routes every step builds them once.
+        The plans of the last ``keep_plans`` routing keys (the adapters per row, and what else they depend on)
+        are kept until the next ``bump``, so a decoding loop that routes every step (alternating prefill and
+        decode batches) builds them once.
         """
-        if route is not None and (key is None or key != self.plans_for):
-            self.plans.clear()
-            self.plans_for = key
         self.route, self.route_rows = route, rows
+        if route is None or key is None:
+            self.route_plans = {}
+            return
+        self.route_plans = self.plans.pop(key, None) or {}
+        self.plans[key] = self.route_plans  # the most recent last
+        while len(self.plans) > self.keep_plans:
+            del self.plans[next(iter(self.plans))]
 
 
 class Site(nn.Module):
@@ -108,9 +117,9 @@ class Site(nn.Module):
         st = self._state
         if x.shape[0] != st.route_rows:
             raise ValueError(f"per-row adapters were given for {st.route_rows} rows, but the batch has {x.shape[0]}")
-        plan = st.plans.get(self)
+        plan = st.route_plans.get(self)
         if plan is None:
-            plan = st.plans[self] = self._route_plan()
+            plan = st.route_plans[self] = self._route_plan()
         routers, alone = plan
         y = self.base(x, *args, **kwargs)
         for router in routers:
@@ -127,7 +136,7 @@ class Site(nn.Module):
             out.index_copy_(0, rows, yr.to(out.dtype))
         return y if out is None else out
 
-    def _route_plan(self) -> tuple[list[Callable], list[tuple[Delta, Tensor]]]:
+    def _route_plan(self) -> Plan:
         """Group the routed deltas here: per-row lists for each ``route_group`` (one router each), the rest alone."""
         st = self._state
         groups: dict[tuple, list[Delta | None]] = {}
