@@ -1,5 +1,21 @@
 """Serving benchmarks: many adapters on one base. Each part is an independent function chosen by ``--part``.
 
+``--part routing``: the cost of a mixed-adapter batch. SmolLM2-135M, float32, CPU, 2 threads, a batch of
+8 x 128 random token ids, LoRA r=16 alpha=32 on every linear layer but the output head (210 modules),
+8 adapters with random non-zero A and B (``init="random"``; PEFT gets the very same weights). Timed
+under ``torch.inference_mode()``, round-robin after a warm-up round, medians:
+
+- the base model alone (no wrappers);
+- deltatune with row i routed to adapter ``a{i % k}`` for k = 1, 2, 4, 8 distinct adapters
+  (``dm(ids, adapters=[...])``), and one active adapter without routing, for reference;
+- PEFT's mixed-batch inference (``model(ids, adapter_names=[...])``) for the same k.
+
+It checks first that row i of the routed batch equals adapter i run alone (deltatune) and that deltatune and
+PEFT agree, then writes the ``serve-routing`` section of ``benchmarks/RESULTS.md``. Goal: 8 distinct
+adapters / base <= 1.15.
+
+    python benchmarks/serve.py --part routing [--quick] [--reps N] [--no-write]
+
 ``--part server``: the OpenAI-compatible server (``deltatune serve``) under load. SmolLM2-135M-Instruct, float32,
 CPU; 64 LoRA adapters r=16 alpha=32 on every linear layer but the output head, A and B random and non-zero
 (``init="random"``, seeds 0..63), saved to a temporary adapters folder. The server runs in its own process
@@ -22,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import os
 import shutil
 import socket
@@ -36,9 +53,34 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_smollm2, machine_info, markdown_table, setup, text_table, write_section  # noqa: E402
+from _common import (  # noqa: E402
+    interleaved,
+    load_smollm2,
+    machine_info,
+    markdown_table,
+    median_ms,
+    paired_ratio,
+    random_batch,
+    rss_mb,
+    setup,
+    text_table,
+    write_section,
+)
 
 import deltatune as dt  # noqa: E402
+
+THREADS, BATCH, SEQ, R, ALPHA, N_ADAPTERS = 2, 8, 128, 16, 32, 8
+DISTINCT = (1, 2, 4, 8)
+GOAL_ROUTED = 1.15
+ROUTING_TEXT = (
+    f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32), CPU, torch.set_num_threads({THREADS}), batch "
+    f"{BATCH} x {SEQ} random token ids (seed 0), `torch.inference_mode()`, `eval()`. {N_ADAPTERS} LoRA adapters "
+    f"r={R} alpha={ALPHA} on all linear layers except lm_head (210 modules each), A and B random and non-zero "
+    f"(deltatune `init=\"random\"`, seeds 1..{N_ADAPTERS}; peft `init_lora_weights=False` with deltatune's A and "
+    f"B copied in). With k distinct adapters, row i uses adapter `a{{i % k}}`: deltatune "
+    f"`dm(input_ids=ids, adapters=[...])`, peft `model(input_ids=ids, adapter_names=[...])`."
+)
+
 
 SERVER_THREADS = 2
 SERVE_R, SERVE_ALPHA, SERVE_TOKENS = 16, 32, 16
@@ -58,6 +100,136 @@ class Log:
 
     def __call__(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.t0:6.0f} s] {msg}", flush=True)
+
+
+# -- routing part ------------------------------------------------------------------------------------
+def rows_for(k: int) -> list[str]:
+    """Row i uses adapter ``a{i % k}``: k distinct adapters spread over the batch."""
+    return [f"a{i % k}" for i in range(BATCH)]
+
+
+def build_routing_models(base: torch.nn.Module) -> tuple[dt.DeltaModel, torch.nn.Module]:
+    """deltatune and PEFT models over copies of ``base``, each with the same adapters a0..a7."""
+    from peft import LoraConfig, get_peft_model
+
+    dm = None
+    for i in range(N_ADAPTERS):
+        torch.manual_seed(1 + i)
+        cfg = dt.LoRAConfig(r=R, alpha=ALPHA, targets="all-linear", init="random")
+        dm = dt.attach(copy.deepcopy(base), cfg, name=f"a{i}") if dm is None else dm.add(cfg, f"a{i}")
+    pcfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False)
+    pm = get_peft_model(copy.deepcopy(base), pcfg, adapter_name="a0")
+    for i in range(1, N_ADAPTERS):
+        pm.add_adapter(f"a{i}", pcfg)
+    inner = pm.base_model.model
+    with torch.no_grad():
+        for i in range(N_ADAPTERS):
+            for path, d in dm.deltas(f"a{i}").items():
+                m = inner.get_submodule(path)
+                m.lora_A[f"a{i}"].weight.copy_(d.lora_A.weight)
+                m.lora_B[f"a{i}"].weight.copy_(d.lora_B.weight)
+    return dm.eval(), pm.eval()
+
+
+def check_routing(dm: dt.DeltaModel, pm: torch.nn.Module, base: torch.nn.Module, ids: torch.Tensor,
+                  log: Log) -> dict[str, float]:
+    """Row i of the 8-adapter batch against adapter i alone; deltatune against PEFT; adapted against base."""
+    rows = rows_for(N_ADAPTERS)
+    with torch.inference_mode():
+        routed = dm(input_ids=ids, adapters=rows).logits
+        peft_routed = pm(input_ids=ids, adapter_names=rows).logits
+        y0 = base(input_ids=ids).logits
+        alone = 0.0
+        for i, name in enumerate(rows):
+            dm.activate(name)
+            alone = max(alone, (dm(input_ids=ids[i:i + 1]).logits[0] - routed[i]).abs().max().item())
+        dm.activate("a0")
+    out = {"routed_vs_alone": alone, "dt_vs_peft": (routed - peft_routed).abs().max().item(),
+           "adapted_vs_base": (routed - y0).abs().max().item()}
+    log("checks: max |logit diff| routed vs each adapter alone {routed_vs_alone:.1e}, deltatune vs peft "
+        "{dt_vs_peft:.1e}, adapted vs base {adapted_vs_base:.1e}".format(**out))
+    return out
+
+
+def part_routing(args: argparse.Namespace, log: Log) -> None:
+    reps = args.reps or (2 if args.quick else 10)
+    setup(THREADS)
+    t = time.perf_counter()
+    base = load_smollm2()
+    log(f"loaded SmolLM2-135M in {time.perf_counter() - t:.1f} s")
+    ids = random_batch(base.config.vocab_size, BATCH, SEQ)
+    dm, pm = build_routing_models(base)
+    log(f"built deltatune and peft with {N_ADAPTERS} adapters each, RSS {rss_mb():.0f} MB")
+    checks = check_routing(dm, pm, base, ids, log)
+
+    def run(fn: Callable[[], object]) -> Callable[[], None]:
+        def go() -> None:
+            with torch.inference_mode():
+                fn()
+        return go
+
+    fns: dict[str, Callable[[], None]] = {"base": run(lambda: base(input_ids=ids))}
+    fns["dt one adapter, unrouted"] = run(lambda: dm(input_ids=ids))
+    for k in DISTINCT:
+        rows = rows_for(k)
+        fns[f"dt k={k}"] = run(lambda rows=rows: dm(input_ids=ids, adapters=rows))
+        fns[f"peft k={k}"] = run(lambda rows=rows: pm(input_ids=ids, adapter_names=rows))
+    log(f"timing {len(fns)} candidates: {reps} round-robin rounds after 1 warm-up round")
+    times = interleaved(fns, reps=reps, warmup=1, log=log)
+
+    b = times["base"]
+    ratio = {n: statistics.median(v) / statistics.median(b) for n, v in times.items()}
+    goal_ok = ratio[f"dt k={N_ADAPTERS}"] <= GOAL_ROUTED
+    headers = ["candidate", "median ms", "/ base", "paired / base", "goal"]
+    rows = [["base forward", f"{median_ms(b):.0f}", "1.000", "", ""],
+            ["deltatune, one adapter, no routing", f"{median_ms(times['dt one adapter, unrouted']):.0f}",
+             f"{ratio['dt one adapter, unrouted']:.3f}", f"{paired_ratio(times['dt one adapter, unrouted'], b):.3f}",
+             "(reference)"]]
+    for who in ("dt", "peft"):
+        for k in DISTINCT:
+            n = f"{who} k={k}"
+            goal = ""
+            if who == "dt" and k == N_ADAPTERS:
+                goal = f"<= {GOAL_ROUTED:.2f}: {'ok' if goal_ok else 'MISSED'}"
+            label = f"{'deltatune' if who == 'dt' else 'peft adapter_names'}, {k} distinct"
+            rows.append([label, f"{median_ms(times[n]):.0f}", f"{ratio[n]:.3f}", f"{paired_ratio(times[n], b):.3f}",
+                         goal])
+    print()
+    print(text_table(headers, rows))
+    info = machine_info()
+    elapsed = time.perf_counter() - log.t0
+    print(f"\ntotal {elapsed:.0f} s; " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    if args.no_write or args.quick:
+        log("not writing RESULTS.md (--no-write or --quick)")
+        return
+    md = [
+        "## Serving: mixed-adapter batches (`benchmarks/serve.py --part routing`)",
+        "",
+        f"Run {info['date']}, {elapsed:.0f} s. Machine: nproc {info['nproc']} "
+        f"({info['cpu']}), load average at the end {info.get('load average', 'n/a')}; Python {info['python']}, "
+        f"torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}.",
+        "",
+        "Configuration: " + ROUTING_TEXT,
+        f"{reps} round-robin rounds over all candidates after one warm-up round; medians. '/ base' is the ratio "
+        "of medians, 'paired' the median of per-round ratios.",
+        "",
+        f"Checks: max |logit difference| between row i of the {N_ADAPTERS}-adapter batch and adapter i run alone "
+        f"{checks['routed_vs_alone']:.1e}; deltatune vs peft (same batch) {checks['dt_vs_peft']:.1e}; adapted vs "
+        f"base {checks['adapted_vs_base']:.1e} (the deltas are not zero).",
+        "",
+        markdown_table(headers, rows),
+        "",
+        f"Goal: a batch whose rows use {N_ADAPTERS} distinct adapters costs <= {GOAL_ROUTED:.2f}x the base alone.",
+        "",
+        "<details><summary>raw times (ms, in round order)</summary>",
+        "",
+        *[f"- {k}: " + " ".join(f"{1e3 * s:.0f}" for s in v) for k, v in times.items()],
+        "",
+        "</details>",
+    ]
+    write_section("serve-routing", "\n".join(md))
+    log("wrote the serve-routing section of benchmarks/RESULTS.md")
+
 
 
 # -- server part ---------------------------------------------------------------------------------------
@@ -227,13 +399,15 @@ def part_server(args: argparse.Namespace, log: Log) -> None:
     log("wrote the serve-server section of benchmarks/RESULTS.md")
 
 
-PARTS: dict[str, Callable[[argparse.Namespace, Log], None]] = {"server": part_server}
+PARTS: dict[str, Callable[[argparse.Namespace, Log], None]] = {"routing": part_routing, "server": part_server}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=sorted(PARTS), required=True, help="which benchmark to run")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: fewer adapters and requests; no RESULTS.md")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (routing: 2 rounds; server: fewer adapters "
+                    "and requests, no RESULTS.md)")
+    ap.add_argument("--reps", type=int, default=None, help="routing: timed rounds (default 10, --quick 2)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     PARTS[args.part](args, Log())

@@ -18,6 +18,7 @@ translate.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Hashable
 from typing import ClassVar
 
 import torch
@@ -45,6 +46,23 @@ class Delta(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor, base: nn.Module) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- per-row routing (optional) ---------------------------------------------------------------
+    @property
+    def route_group(self) -> Hashable | None:
+        """Deltas at one site with the same class and an equal, non-None ``route_group`` serve a mixed batch
+        together, in one pass built by ``type(self).router``. None (the default): the Site runs this delta
+        on its own rows, one adapter after another."""
+        return None
+
+    @classmethod
+    def router(cls, rows: list[Delta | None]) -> Callable[[Tensor, Tensor, nn.Module], Tensor]:
+        """``f(x, y, base) -> y'`` applying ``rows[i]`` to row i of a batch (None: row i left as it is).
+
+        Built once per routing per site; it must read the deltas' parameters when called, so in-place
+        updates show. ``y`` is the base's fresh output: ``f`` may update it in place when autograd is off.
+        """
+        raise NotImplementedError(f"{cls.__name__} has a route_group but no router")
 
     # -- merging -------------------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> Tensor:

@@ -46,6 +46,7 @@ class DeltaModel(nn.Module):
         self._requires_grad: dict[str, bool] | None = None  # the base's flags, restored on unload
         self._input_sites: list[Site] = []  # sites holding input-level deltas (prompt/prefix tuning)
         self._input_hook = None  # the forward pre-hook on the wrapped model that applies them
+        self._merged_cache: tuple[int, list[str]] = (-1, [])  # (state version, merged adapters): see routing()
         self.training = model.training
 
     def __getattr__(self, name: str) -> Any:
@@ -87,7 +88,7 @@ class DeltaModel(nn.Module):
         fused = sorted({a for a in adapters if a is not None and self.configs[a].combines()})
         if fused:
             raise ValueError(f"adapter(s) {fused} are AdapterFusions and cannot be routed per row; use dt.Fuse(...)")
-        merged = sorted({n for _, s in self.sites() for n in s.merged})
+        merged = self._merged_names()
         if merged:
             raise RuntimeError(f"adapter(s) {merged} are merged into the weights; unmerge before per-row routing")
         inputs = sorted({a for a in adapters if a is not None and self._input_level(a)})
@@ -95,20 +96,25 @@ class DeltaModel(nn.Module):
             raise ValueError(f"adapter(s) {inputs} ({', '.join(sorted({self.configs[a].type for a in inputs}))}) act "
                              f"on the model's inputs for the whole batch and cannot be routed per row; run their rows "
                              f"in a separate batch")
-        device = next(self.model.parameters()).device
+        p = next(self.model.parameters())
         groups: dict[str, list[int]] = {}
         for i, a in enumerate(adapters):
             if a is not None:
                 groups.setdefault(a, []).append(i)
         st = self._state
-        st.route = {a: torch.tensor(rows, device=device) for a, rows in groups.items()}
-        st.route_rows = len(adapters)
-        st.bump()
+        route = {a: torch.tensor(rows, device=p.device) for a, rows in groups.items()}
+        st.set_route(route, len(adapters), key=(tuple(adapters), p.device, p.dtype))
         try:
             yield
         finally:
-            st.route, st.route_rows = None, 0
-            st.bump()
+            st.set_route(None)
+
+    def _merged_names(self) -> list[str]:
+        """Adapters merged at some site; recomputed only after a state change (merging bumps the state)."""
+        st = self._state
+        if self._merged_cache[0] != st.version:
+            self._merged_cache = (st.version, sorted({n for _, s in self.sites() for n in s.merged}))
+        return self._merged_cache[1]
 
     # -- input-level adapters --------------------------------------------------------------------
     def _input_level(self, name: str) -> bool:

@@ -9,8 +9,9 @@ so quantized or sharded layers can sit underneath.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,9 @@ from .delta import Delta, MergeError, check_finite
 
 if TYPE_CHECKING:
     from .composition import Composition
+
+# a site's plan for one routing: routers (each serving a group of deltas at once), then (delta, rows) run alone
+Plan = tuple[list[Callable], list[tuple[Delta, Tensor]]]
 
 
 @dataclass
@@ -33,9 +37,33 @@ class SiteState:
     route: dict[str, Tensor] | None = None
     route_rows: int = 0
     version: int = 0
+    # each site's plan for the current routing (built on its first routed forward), in ``route_plans``; the
+    # plans of the last few routings, by key, in ``plans``. Every change drops them all.
+    route_plans: dict[Site, Plan] = field(default_factory=dict, repr=False, compare=False)
+    plans: dict[tuple, dict[Site, Plan]] = field(default_factory=dict, repr=False, compare=False)
+    keep_plans: ClassVar[int] = 4
 
     def bump(self) -> None:
+        """Something changed (adapters, which are active, merging): cached per-site decisions are stale."""
         self.version += 1
+        self.plans.clear()
+        self.route_plans = {}
+
+    def set_route(self, route: dict[str, Tensor] | None, rows: int = 0, key: tuple | None = None) -> None:
+        """Start per-row routing (``route``: adapter -> its rows, of ``rows``), or end it (None).
+
+        The plans of the last ``keep_plans`` routing keys (the adapters per row, and what else they depend on)
+        are kept until the next ``bump``, so a decoding loop that routes every step (alternating prefill and
+        decode batches) builds them once.
+        """
+        self.route, self.route_rows = route, rows
+        if route is None or key is None:
+            self.route_plans = {}
+            return
+        self.route_plans = self.plans.pop(key, None) or {}
+        self.plans[key] = self.route_plans  # the most recent last
+        while len(self.plans) > self.keep_plans:
+            del self.plans[next(iter(self.plans))]
 
 
 class Site(nn.Module):
@@ -84,16 +112,20 @@ class Site(nn.Module):
         return y
 
     def _routed(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """Mixed batch: the base runs once for all rows; each adapter's delta runs on its own rows."""
+        """Mixed batch: the base runs once for all rows; then each group of deltas that can share one pass
+        (same ``route_group``) runs through its ``router``, and every other delta on its own rows."""
         st = self._state
         if x.shape[0] != st.route_rows:
             raise ValueError(f"per-row adapters were given for {st.route_rows} rows, but the batch has {x.shape[0]}")
+        plan = st.route_plans.get(self)
+        if plan is None:
+            plan = st.route_plans[self] = self._route_plan()
+        routers, alone = plan
         y = self.base(x, *args, **kwargs)
+        for router in routers:
+            y = router(x, y, self.base)
         out = None
-        for name, rows in st.route.items():
-            d = self.deltas[name] if name in self.deltas else None
-            if d is None:
-                continue
+        for d, rows in alone:
             xr = x.index_select(0, rows)
             if d.replaces_base:
                 yr = d(xr, None, self.base, *args, **kwargs)
@@ -103,6 +135,25 @@ class Site(nn.Module):
                 out = y.clone()
             out.index_copy_(0, rows, yr.to(out.dtype))
         return y if out is None else out
+
+    def _route_plan(self) -> Plan:
+        """Group the routed deltas here: per-row lists for each ``route_group`` (one router each), the rest alone."""
+        st = self._state
+        groups: dict[tuple, list[Delta | None]] = {}
+        alone: list[tuple[Delta, Tensor]] = []
+        deltas = self.deltas._modules  # a plain dict: this runs for every site on every new routing
+        for name, rows in st.route.items():
+            d = deltas.get(name)
+            if d is None:
+                continue
+            key = None if d.replaces_base else d.route_group
+            if key is None:
+                alone.append((d, rows))
+                continue
+            per_row = groups.setdefault((type(d), key), [None] * st.route_rows)
+            for i in rows.tolist():
+                per_row[i] = d
+        return [cls.router(per_row) for (cls, _), per_row in groups.items()], alone
 
     # -- merging -------------------------------------------------------------------------------
     def check_mergeable(self, names: list[str], where: str, scales: dict[str, float] | None = None) -> None:

@@ -282,6 +282,23 @@ class LoRA(Delta):
         out = (scale - 1) * wx.to(scale.dtype) + scale * (h * self.scaling)
         return y + out.to(y.dtype)
 
+    # -- per-row routing -----------------------------------------------------------------------
+    @property
+    def route_group(self) -> tuple | None:
+        """Plain LoRA (linear or Conv1D; not DoRA, PiSSA, a conv, dropout in training) batches with its kind.
+
+        A subclass with its own forward routes alone unless it says otherwise.
+        """
+        if (self.conv or self.pissa or self.lora_magnitude_vector is not None or (self.dropout and self.training)
+                or type(self).forward is not LoRA.forward):
+            return None
+        w = self.lora_A.weight
+        return w.dtype, w.device
+
+    @classmethod
+    def router(cls, rows: list[Delta | None]) -> LoRARouter:
+        return LoRARouter(rows)
+
     # -- merging -------------------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> Tensor:
         dw = self._dw()
@@ -318,6 +335,62 @@ class LoRA(Delta):
             state["lora_A.weight"] = torch.cat([self.lora_A.weight, self.pissa_A0]).detach()
             state["lora_B.weight"] = torch.cat([self.lora_B.weight, -self.pissa_B0], dim=1).detach()
         return state
+
+
+class LoRARouter:
+    """A different plain LoRA on each row of a mixed batch, in one pass (the gather of S-LoRA / Punica):
+
+        y[i] += s_i * B_i (A_i x[i])        x[i]: (tokens, in), A_i: (r, in), B_i: (out, r)
+
+    as two batched GEMMs over per-row factors stacked when called (A: (b, r, in), B: (b, out, r)), so the
+    cost follows the batch, not the number of distinct adapters in it. Ranks below the batch's largest are
+    zero-padded; rows without an adapter get zero factors (their output stays exactly the base's). When one
+    adapter serves every row, that adapter's own forward runs instead.
+    """
+
+    def __init__(self, rows: list[Delta | None]):
+        factors = {id(d): (d.lora_A.weight, d.lora_B.weight, d.scaling) for d in rows if d is not None}
+        self.only = rows[0] if len(factors) == 1 and rows[0] is not None and rows.count(rows[0]) == len(rows) else None
+        if self.only is not None:
+            return
+        ranks = {a.shape[0] for a, _, _ in factors.values()}
+        self.rank = max(ranks)
+        self.padded = len(ranks) > 1
+        scales = {s for _, _, s in factors.values()}
+        self.alpha = scales.pop() if len(scales) == 1 else 1.0
+        a, b, _ = next(iter(factors.values()))
+        if None in rows:  # zero factors: the row's output stays exactly the base's
+            factors[id(None)] = (a.new_zeros(self.rank, a.shape[1]), b.new_zeros(b.shape[0], self.rank), 0.0)
+        per_row = [factors[id(d)] for d in rows]
+        # the parameters themselves, read when called (in-place updates show)
+        self.a = [f[0] for f in per_row]
+        self.b = [f[1] for f in per_row]
+        self.scale = None if not scales else torch.tensor([f[2] for f in per_row], dtype=a.dtype,
+                                                          device=a.device).view(-1, 1, 1)
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """Stacked per-row A (b, r, in) and B (b, out, r)."""
+        if not self.padded:
+            return torch.stack(self.a), torch.stack(self.b)
+        r = self.rank
+        return (torch.stack([F.pad(t, (0, 0, 0, r - t.shape[0])) for t in self.a]),
+                torch.stack([F.pad(t, (0, r - t.shape[1])) for t in self.b]))
+
+    def __call__(self, x: Tensor, y: Tensor, base: nn.Module) -> Tensor:
+        if self.only is not None:
+            return self.only(x, y, base)
+        a, b = self._factors()
+        n = x.shape[0]
+        xd = x.reshape(n, -1, x.shape[-1])
+        h = torch.bmm(xd if xd.dtype == a.dtype else xd.to(a.dtype), a.mT)  # (b, tokens, r)
+        if self.scale is not None:
+            h = h * self.scale
+        if y.dtype != a.dtype:
+            return y + (torch.bmm(h, b.mT) * self.alpha).view(y.shape).to(y.dtype)
+        if not torch.is_grad_enabled() and y.is_contiguous():
+            y.view(n, -1, y.shape[-1]).baddbmm_(h, b.mT, alpha=self.alpha)
+            return y
+        return torch.baddbmm(y.reshape(n, -1, y.shape[-1]), h, b.mT, alpha=self.alpha).view(y.shape)
 
 
 class LoRAEmbedding(Delta):
