@@ -144,7 +144,7 @@ def lm_scores(model, tok, adapter: Path | None, e2e, sent) -> dict[str, float]:
     import deltatune as dt
     from deltatune.generation import bleu, generate
 
-    net = dt.load_adapter(model, adapter, "eval") if adapter is not None else model
+    net = dt.load_adapter(model, adapter, "scored") if adapter is not None else model
     try:
         hyp = generate(net, tok, e2e[0], max_new_tokens=48, chat=False, batch_size=16)
         answers = generate(net, tok, sent[0], max_new_tokens=3, chat=False, batch_size=16)
@@ -152,7 +152,7 @@ def lm_scores(model, tok, adapter: Path | None, e2e, sent) -> dict[str, float]:
         return {"e2e": bleu(hyp, e2e[1]), "sentiment": acc}
     finally:
         if adapter is not None:
-            net.delete("eval")
+            net.delete("scored")
 
 
 # -- parts -----------------------------------------------------------------------------------------

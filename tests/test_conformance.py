@@ -549,6 +549,9 @@ def test_adding_a_duplicate_name_fails_and_changes_nothing(zoo, case, kind, tmp_
         dt.attach(dm.model, case.make_config(), "a")
     with pytest.raises(ValueError, match="already exists"):
         dm.load(tmp_path / "a", "a")
+    for reserved in ("eval", "train", "forward"):  # attributes of the ModuleDict the deltas live in
+        with pytest.raises(ValueError, match="reserved"):
+            dm.load(tmp_path / "a", reserved)
     assert_unchanged(before, dm)
 
 

@@ -169,6 +169,9 @@ class DeltaModel(nn.Module):
             raise TypeError(f"expected a method config (e.g. LoRAConfig), got {type(cfg).__name__}")
         if not _NAME.match(name):
             raise ValueError(f"adapter name {name!r} must be an identifier (letters, digits, _ or -)")
+        if hasattr(nn.ModuleDict(), name):  # sites keep deltas in a ModuleDict: its attributes can't be keys
+            raise ValueError(f"adapter name {name!r} is reserved (an attribute of torch modules, like 'eval' or "
+                             f"'train'); pick another name")
         if name in self.configs:
             raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
         cfg = cfg.for_model(self.model)
