@@ -300,6 +300,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dt-merge-quality"))
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true", help="write the table from the stored results")
     args = ap.parse_args()
     global THREADS
     THREADS = args.threads
@@ -307,7 +308,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     store = args.work / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
-    for part in args.parts:
+    for part in [] if args.report_only else args.parts:
         print(f"{part} ...", flush=True)
         new = (part_enc if part == "enc" else part_lm)(args.work, args.ops)
         ops = {**results.get(part, {}).get("ops", {}), **new["ops"]}  # a run of some --ops keeps the others
