@@ -390,7 +390,7 @@ def part_server(args: argparse.Namespace, log: Log) -> None:
         f"max_tokens={SERVE_TOKENS} with `ignore_eos`.",
         f"**{SERVE_CLIENTS} concurrent clients, {n_requests} requests over {SERVE_ADAPTERS} adapters**",
         markdown_table(head_main, row_main),
-        f"**Throughput vs distinct adapters in the traffic** ({SWEEP_CLIENTS} clients, {sweep_requests} requests each; "
+        f"**Throughput vs distinct adapters in the traffic** ({SWEEP_CLIENTS} clients, {sweep_requests} requests per setting; "
         "S-LoRA's view: it should stay flat)",
         markdown_table(head_sweep, rows),
         "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
