@@ -16,6 +16,12 @@ adapters / base <= 1.15.
 
     python benchmarks/serve.py --part routing [--quick] [--reps N] [--no-write]
 
+``--part decode``: one decoding step of a mixed batch, the step a serving loop repeats: 16 rows adding one token
+each to a 48-token KV cache, with k = 1, 4, 8 distinct adapters (deltatune and PEFT), and deltatune with its
+routing plans rebuilt before the step (as when the server's batch gains or loses a row). Writes ``serve-decode``.
+
+    python benchmarks/serve.py --part decode [--quick] [--reps N] [--no-write]
+
 ``--part server``: the OpenAI-compatible server (``deltatune serve``) under load. SmolLM2-135M-Instruct, float32,
 CPU; 64 LoRA adapters r=16 alpha=32 on every linear layer but the output head, A and B random and non-zero
 (``init="random"``, seeds 0..63), saved to a temporary adapters folder. The server runs in its own process
@@ -232,6 +238,81 @@ def part_routing(args: argparse.Namespace, log: Log) -> None:
 
 
 
+# -- decode part --------------------------------------------------------------------------------------
+DECODE_ROWS, DECODE_CONTEXT, DECODE_DISTINCT = 16, 48, (1, 4, 8)
+
+
+def part_decode(args: argparse.Namespace, log: Log) -> None:
+    """One decoding step of a mixed batch (what the server runs most): 16 rows, 1 new token each, a 48-token cache."""
+    reps = args.reps or (3 if args.quick else 20)
+    setup(THREADS)
+    base = load_smollm2()
+    dm, pm = build_routing_models(base)
+    ids = random_batch(base.config.vocab_size, DECODE_ROWS, DECODE_CONTEXT + 1)
+    prompt, new = ids[:, :-1], ids[:, -1:]
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        cache0 = base(input_ids=prompt, use_cache=True).past_key_values
+
+    def rows(k: int) -> list[str]:
+        return [f"a{i % k}" for i in range(DECODE_ROWS)]
+
+    def step(model, **kw) -> Callable[[], Callable[[], None]]:
+        def prepare() -> Callable[[], None]:  # a fresh cache for every timed step (not timed)
+            cache = copy.deepcopy(cache0)
+            return lambda: model(input_ids=new, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                 logits_to_keep=1, **kw)
+        return prepare
+
+    def rebuilt(k: int) -> Callable[[], Callable[[], None]]:
+        inner = step(dm, adapters=rows(k))
+
+        def prepare() -> Callable[[], None]:
+            dm._state.plans.clear()  # as when the server's batch changes rows: every site plans again
+            return inner()
+        return prepare
+
+    cands: dict[str, Callable[[], Callable[[], None]]] = {"base": step(base)}
+    for k in DECODE_DISTINCT:
+        cands[f"dt k={k}"] = step(dm, adapters=rows(k))
+    cands[f"dt k={DECODE_DISTINCT[-1]}, plans rebuilt"] = rebuilt(DECODE_DISTINCT[-1])
+    for k in DECODE_DISTINCT:
+        cands[f"peft k={k}"] = step(pm, adapter_names=rows(k))
+    times: dict[str, list[float]] = {n: [] for n in cands}
+    log(f"timing {len(cands)} candidates: {reps} round-robin rounds after 1 warm-up round")
+    for r in range(reps + 1):
+        for n, prepare in cands.items():
+            fn = prepare()
+            with torch.inference_mode():
+                t = time.perf_counter()
+                fn()
+                dt_s = time.perf_counter() - t
+            if r:
+                times[n].append(dt_s)
+    b = times["base"]
+    headers = ["candidate", "median ms", "/ base", "paired / base"]
+    table = [[n, f"{median_ms(v):.1f}", f"{statistics.median(v) / statistics.median(b):.3f}",
+              f"{paired_ratio(v, b):.3f}"] for n, v in times.items()]
+    print()
+    print(text_table(headers, table))
+    info = machine_info()
+    if args.no_write or args.quick:
+        log("not writing RESULTS.md (--no-write or --quick)")
+        return
+    body = "\n\n".join([
+        "## Serving: one decoding step of a mixed batch (`benchmarks/serve.py --part decode`)",
+        f"The same model and {N_ADAPTERS} adapters as the routing part (LoRA r={R}, all linear layers but lm_head), "
+        f"{DECODE_ROWS} rows each adding 1 token to a {DECODE_CONTEXT}-token KV cache (a fresh copy per step, not "
+        f"timed), `logits_to_keep=1`, {THREADS} threads; row i uses adapter `a{{i % k}}`. 'plans rebuilt': the routing "
+        f"plans are dropped before each step, as happens in the server whenever its batch gains or loses a row. "
+        f"{reps} round-robin rounds after one warm-up round, medians.",
+        markdown_table(headers, table),
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+    ])
+    write_section("serve-decode", body)
+    log("wrote the serve-decode section of benchmarks/RESULTS.md")
+
+
 # -- server part ---------------------------------------------------------------------------------------
 def make_adapters(folder: Path, n: int, log: Log) -> int:
     """``n`` random LoRA adapters (a0 .. a{n-1}) for SmolLM2 in ``folder``; returns the bytes of one."""
@@ -399,7 +480,8 @@ def part_server(args: argparse.Namespace, log: Log) -> None:
     log("wrote the serve-server section of benchmarks/RESULTS.md")
 
 
-PARTS: dict[str, Callable[[argparse.Namespace, Log], None]] = {"routing": part_routing, "server": part_server}
+PARTS: dict[str, Callable[[argparse.Namespace, Log], None]] = {
+    "routing": part_routing, "decode": part_decode, "server": part_server}
 
 
 def main() -> None:
@@ -407,7 +489,7 @@ def main() -> None:
     ap.add_argument("--part", choices=sorted(PARTS), required=True, help="which benchmark to run")
     ap.add_argument("--quick", action="store_true", help="a smoke run (routing: 2 rounds; server: fewer adapters "
                     "and requests, no RESULTS.md)")
-    ap.add_argument("--reps", type=int, default=None, help="routing: timed rounds (default 10, --quick 2)")
+    ap.add_argument("--reps", type=int, default=None, help="routing/decode: timed rounds (default 10/20, --quick 2/3)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     PARTS[args.part](args, Log())
