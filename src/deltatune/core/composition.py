@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from . import kv
 from .compose import Average, Block, Fuse, Split, Stack
 from .delta import MergeError
 
@@ -115,7 +116,7 @@ class _PositionsIn:
         comp = self.ref()
         if comp is None:
             return
-        cache = kwargs.get("past_key_values")
+        cache = kv.cache_of(kwargs)
         seen = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         ids = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids") if ids is None else ids

@@ -111,7 +111,9 @@ class InputDelta(Delta):
 
     which the DeltaModel applies (through a forward pre-hook on the wrapped model) to every call of the
     wrapped model while the adapter is active: direct calls and every step of ``generate``. ``embed`` is
-    the input-embedding module (its Site, so weight-level deltas there still apply). Not mergeable.
+    the input-embedding module (its Site, so weight-level deltas there still apply). The KV cache is always
+    ``inputs["cache"]`` (None when there is none), whatever the installed transformers calls it (``core/kv.py``).
+    Not mergeable.
     """
 
     input_level = True

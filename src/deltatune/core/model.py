@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import kv
 from .compose import Block
 from .composition import Composition, compose
 from .config import DeltaConfig
@@ -463,6 +464,7 @@ class _InputHook:
     def __init__(self, dm: DeltaModel):
         self.dm = weakref.ref(dm)
         self._params: list[str] | None = None
+        self._cache_name: str | None = None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         dm = self.dm()
@@ -477,7 +479,15 @@ class _InputHook:
             if len(args) > len(self._params):
                 raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
             kwargs = {**dict(zip(self._params, args)), **kwargs}
-        return (), delta.prepare_inputs(dict(kwargs), site)
+        # the delta sees the cache as inputs["cache"] whatever this transformers calls it; the model gets its own name
+        inputs = {k: v for k, v in kwargs.items() if k not in kv.NAMES}
+        inputs = delta.prepare_inputs({**inputs, "cache": kv.cache_of(kwargs)}, site)
+        cache = inputs.pop("cache")
+        if cache is not None:
+            if self._cache_name is None:
+                self._cache_name = kv.cache_name(module)
+            inputs[self._cache_name] = cache
+        return (), inputs
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:

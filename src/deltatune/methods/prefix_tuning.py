@@ -10,7 +10,7 @@ is reparameterised during training as in the paper, ``P = MLP(E)`` with ``E``: (
 ``MLP = Linear(token_dim, encoder_hidden_size) -> tanh -> Linear(encoder_hidden_size, layers * 2 * token_dim)``;
 the saved file holds ``P`` alone (PEFT's ``prompt_embeddings``), and loads as a plain table.
 
-The prefixes enter the model as ``past_key_values`` (a transformers ``DynamicCache`` holding ``n`` positions per
+The prefixes enter the model as its KV cache (a transformers ``DynamicCache`` holding ``n`` positions per
 layer), so the real tokens sit at positions ``n..n+L-1``; the attention mask gets ``n`` leading ones and explicit
 position ids are shifted by ``n`` (as PEFT does). Outputs keep their shape. In ``generate`` the prefix fills the
 empty cache at prefill; decoding steps find it there. Grouped-query attention: ``token_dim = kv_heads * d_h``
@@ -115,7 +115,7 @@ class PrefixTuning(InputDelta):
 
     def prepare_inputs(self, inputs: dict, embed: nn.Module) -> dict:
         n = self.n
-        cache = inputs.get("past_key_values")
+        cache = inputs.get("cache")
         # generate(use_cache=False) still hands back the cache the last step filled: without use_cache, a cache this
         # delta made is stale
         stale = inputs.get("use_cache") is False and getattr(cache, "_deltatune_prefix", None) is self
@@ -128,6 +128,6 @@ class PrefixTuning(InputDelta):
             kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, b, -1, -1, -1)  # (2 layers, B, heads, n, d_h)
             cache = DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)])
             cache._deltatune_prefix = self
-            inputs["past_key_values"] = cache
+            inputs["cache"] = cache
         extend_mask_and_positions(inputs, n, prepend_positions=False)
         return inputs

@@ -135,7 +135,7 @@ def cache_length(cache: Any) -> int:
         return 0
     if hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length())
-    raise TypeError(f"input-level adapters need past_key_values as a transformers Cache, got {type(cache).__name__}")
+    raise TypeError(f"input-level adapters need the KV cache as a transformers Cache, got {type(cache).__name__}")
 
 
 def batch_shape(inputs: dict) -> tuple[int, int, torch.device]:
@@ -237,7 +237,7 @@ class PromptTuning(InputDelta):
 
     def prepare_inputs(self, inputs: dict, embed: nn.Module) -> dict:
         n = self.n
-        if cache_length(inputs.get("past_key_values")) > 0:  # decoding: the virtual tokens are in the cache
+        if cache_length(inputs.get("cache")) > 0:  # decoding: the virtual tokens are in the cache
             extend_mask_and_positions(inputs, n, prepend_positions=False)
             return inputs
         embeds = inputs.get("inputs_embeds")

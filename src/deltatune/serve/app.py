@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -241,7 +242,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
             rid = S.new_id("chatcmpl" if chat else "cmpl")
             if body.stream:
                 usage = body.stream_options is not None and body.stream_options.include_usage
-                return StreamingResponse(_stream(events, req, rid, body.model, chat, usage),
+                return StreamingResponse(_stream(events, request, req, rid, body.model, chat, usage),
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             while (ev := await _next(events, request)).kind == "text":
                 pass
@@ -256,13 +257,13 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         build = S.chat if chat else S.completion
         return build(rid, body.model, ev.text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens)
 
-    async def _stream(events: asyncio.Queue, req: GenRequest, rid: str, model: str, chat: bool,
+    async def _stream(events: asyncio.Queue, request: Request, req: GenRequest, rid: str, model: str, chat: bool,
                       usage: bool) -> AsyncIterator[str]:
         try:
             if chat:
                 yield _sse(S.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
             while True:
-                ev = await events.get()
+                ev = await _next(events, request)  # the server may not notice a gone client from its sends
                 if ev.kind == "text":
                     yield _sse(S.chat_chunk(rid, model, {"content": ev.text}) if chat
                                else S.completion_chunk(rid, model, ev.text))
@@ -277,6 +278,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
                     yield _sse(APIError(ev.status, ev.text, code=ev.code).body())
                     break
             yield "data: [DONE]\n\n"
+        except _Gone:
+            pass
         finally:
             req.cancelled = True  # no effect once finished; frees the row when the client went away
 
@@ -289,13 +292,20 @@ class _Gone(Exception):
 
 
 async def _next(events: asyncio.Queue, request: Request, poll: float = 0.25) -> Event:
-    """The next event; raises _Gone if the client disconnected meanwhile (checked every ``poll`` seconds)."""
+    """The next event; raises _Gone if the client disconnected. Checked every ``poll`` seconds, also while events
+    keep coming: a fast decoder must not generate a whole answer for a client that left."""
     while True:
+        now, last = time.monotonic(), getattr(request.state, "disconnect_checked", None)
+        if last is None:
+            request.state.disconnect_checked = now
+        elif now - last >= poll:
+            if await request.is_disconnected():
+                raise _Gone()
+            request.state.disconnect_checked = now
         try:
             return await asyncio.wait_for(events.get(), poll)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                raise _Gone() from None
+            pass  # a whole poll went by: the check above runs now
 
 
 async def _parse(request: Request, model: type[BaseModel]):

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..core import kv
 from ..core.model import DeltaModel
 from . import kvcache
 from .metrics import Metrics
@@ -66,6 +67,7 @@ class Engine:
         if batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
         self.dm, self.tok, self.registry = dm.eval(), tokenizer, registry
+        self._cache_arg = kv.cache_name(dm.model)  # past_key_values before transformers 5.25, then cache
         self.max_batch, self.wait = max_batch, batch_wait_ms / 1000
         self.metrics = metrics or Metrics()
         self.device = next(dm.parameters()).device
@@ -119,7 +121,7 @@ class Engine:
         ids = torch.tensor([[self.pad]], device=self.device)
         with torch.inference_mode():
             out = self.dm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, adapters=[None])
-        kvcache.check_cache(out.past_key_values)
+        kvcache.check_cache(kv.output_cache(out))
 
     def _run(self) -> None:
         while True:
@@ -230,7 +232,7 @@ class Engine:
         keep = self._advance(group, tokens)
         if not keep:
             return
-        cache, last = out.past_key_values, torch.tensor([tokens[i] for i in keep], device=self.device)
+        cache, last = kv.output_cache(out), torch.tensor([tokens[i] for i in keep], device=self.device)
         mask = kvcache.select(cache, mask, keep) if len(keep) < len(group) else mask
         rows = [group[i] for i in keep]
         if not self.rows:
@@ -244,7 +246,7 @@ class Engine:
         mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
         pos = mask.sum(1, keepdim=True) - 1
         out = self._forward(self.rows, "decode", input_ids=self._last[:, None], attention_mask=mask,
-                            position_ids=pos, past_key_values=self._cache)
+                            position_ids=pos, **{self._cache_arg: self._cache})
         self._mask = mask
         tokens = choose(out.logits[:, -1], self.rows)
         self._last = torch.tensor(tokens, device=self.device)
