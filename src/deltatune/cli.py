@@ -347,5 +347,42 @@ def demo(
     print(json.dumps(result))
 
 
+@app.command()
+def doctor(
+    load: bool = typer.Option(True, "--load/--no-load", help="Load each embedded model (seconds each)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """What a bug report needs first: versions, threads, device, embedded models, optional extras.
+
+    Exits 1 when an embedded model is missing, damaged or does not load, or a package is outside its range.
+    Example: deltatune doctor --no-load
+    """
+    from rich.table import Table
+
+    from .doctor import diagnose
+
+    report = diagnose(load=load)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        out = Console()
+        env = Table(show_header=False, box=None)
+        for k, v in report.environment.items():
+            env.add_row(f"[bold]{k}[/bold]", escape(v))
+        out.print(env)
+        mark = {True: "[green]ok[/green]", False: "[red]FAIL[/red]", None: "[dim]absent[/dim]"}
+        groups = {"embedded models": report.models, **{f"requirements: {g}": cs for g, cs in report.extras.items()}}
+        for title, checks in groups.items():
+            t = Table(title=title, title_justify="left", show_header=False, box=None)
+            t.add_column(no_wrap=True)
+            t.add_column(no_wrap=True)
+            t.add_column(overflow="fold")  # a path in an error must survive a narrow terminal whole
+            for c in checks:
+                t.add_row(mark[c.ok], c.name, escape(c.detail))
+            out.print(t)
+        out.print("[green]all good[/green]" if report.ok else "[red]problems found (FAIL above)[/red]")
+    raise typer.Exit(0 if report.ok else 1)
+
+
 if __name__ == "__main__":
     app()
