@@ -59,8 +59,8 @@ def environment() -> dict[str, str]:
     if device == "cuda":
         device += f" ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
     try:
-        kv_arg = cache_name(transformers.LlamaForCausalLM)
-    except TypeError as e:
+        kv_arg = cache_name(transformers.LlamaForCausalLM)  # the class will do: only its forward's signature is read
+    except Exception as e:  # the report says why, whatever it is
         kv_arg = f"unknown: {e}"
     return {
         "deltatune": _version("deltatune") or "not installed (running from source)",
