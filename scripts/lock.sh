@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Refresh the lock files (requirements/*.lock) from pyproject.toml's ranges: `make lock`, then `make test` in a
-# fresh venv (`bash .ci/run`) before committing them. Resolved by uv for CPython 3.11 on Linux, with torch held at
+# Refresh the lock files (requirements/*.lock) from pyproject.toml's ranges: `make lock` keeps the current pins where
+# the ranges still allow them; `UPGRADE=1 make lock` moves every pin to the newest release allowed. Then run
+# `bash .ci/run` (a fresh venv, make demo and make test) before committing them. Resolved by uv for CPython 3.11 on Linux, with torch held at
 # 2.13.0, the build `make setup` installs first (a CPU build on the project's machines, found by pip on disk);
 # torch itself is left out of the lock files, its dependencies are in.
 set -euo pipefail
@@ -13,6 +14,7 @@ constraints=$(mktemp) && trap 'rm -f "$constraints"' EXIT
 echo "torch==2.13.0" >"$constraints"
 common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 "${links[@]}" -c "$constraints"
         --no-emit-package torch --no-header --quiet)
+[ -n "${UPGRADE:-}" ] && common+=(--upgrade)
 "$UV" pip compile pyproject.toml --extra serve "${common[@]}" -o requirements/serve.lock
 # the test lock agrees with the serve lock on every package they share
 "$UV" pip compile pyproject.toml --extra serve --extra test -c requirements/serve.lock "${common[@]}" \
