@@ -268,6 +268,39 @@ def test_limits_answer_4xx_with_clear_messages(client):
 
 
 # -- batching ---------------------------------------------------------------------------------------
+def test_sampling_faults_answer_their_request_alone_and_leak_nothing(world, ref):
+    """A seed outside the generator's range is refused at the schema; a vanishing temperature is valid (it samples
+    the greedy token). Meanwhile a running request finishes with its own tokens, and no adapter stays pinned."""
+    # 5 ms a step: the 40-token stream is still running while the other requests come and go
+    with _server(world, step_delay=0.005) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        _sampling_faults(client, ref)
+
+
+def _sampling_faults(client: httpx.Client, ref) -> None:
+    with client.stream("POST", "/v1/completions", json={"model": f"tiny:{LORA}", "prompt": PROMPTS[1],
+                                                        "max_tokens": 40, "temperature": 0, "stream": True}) as s:
+        lines = s.iter_lines()
+        first = next(lines)  # the stream is running
+        r = client.post("/v1/completions", json={"model": f"tiny:{LORA2}", "prompt": PROMPTS[0], "max_tokens": 5,
+                                                 "temperature": 0.7, "seed": 2**70})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+        assert "less than or equal to 18446744073709551615" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"model": f"tiny:{LORA2}", "prompt": PROMPTS[0], "max_tokens": 10,
+                                                 "temperature": 1e-300})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].strip() == ref(LORA2, PROMPTS[0], 10)
+        streamed = _sse_lines([first, *lines])
+    assert "".join(c["choices"][0]["text"] for c in streamed).strip() == ref(LORA, PROMPTS[1], 40)
+    for name in (LORA, LORA2):  # unpinned: both unload
+        assert client.post("/v1/adapters/unload", json={"name": name}).status_code == 200
+
+
+def _sse_lines(lines: list[str]) -> list:
+    lines = [x for x in lines if x]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(x[6:]) for x in lines[:-1]]
+
+
 def test_concurrent_requests_for_different_adapters_are_batched_and_correct(server, ref):
     jobs = [(adapter, PROMPTS[i % len(PROMPTS)]) for i, adapter in enumerate([None, *ROUTABLE] * 2)]
     before = httpx.get(server.url + "/metrics").text

@@ -4,6 +4,7 @@ under a full cache, recovery from a failing step. Outputs are checked against ``
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -40,7 +41,8 @@ class Job:
         self.events, self.done = [], threading.Event()
         self.first_text = threading.Event()
         ids = engine.tok(prompt, add_special_tokens=False)["input_ids"]
-        self.req = GenRequest(ids, self._sink, adapter=adapter, max_tokens=max_tokens, temperature=0, **kw)
+        kw.setdefault("temperature", 0)
+        self.req = GenRequest(ids, self._sink, adapter=adapter, max_tokens=max_tokens, **kw)
         self.prompt, self.adapter, self.max_tokens = prompt, adapter, max_tokens
         engine.submit(self.req)
 
@@ -113,6 +115,65 @@ def test_a_failing_step_fails_its_rows_and_the_engine_goes_on(world, ref):
         assert ev.kind == "done" and ev.text.strip() == ref(LORA, "Hello there", 4)
     finally:
         engine.stop()
+
+
+def test_a_row_whose_sampling_fails_fails_alone_and_the_batch_goes_on(world, ref, monkeypatch):
+    import deltatune.serve.rows as rows
+
+    real, draws = rows._sample, []
+
+    def flaky(logits, t, p, gen):  # the row at temperature 0.5 draws its first token, then its sampling breaks
+        if t == 0.5:
+            draws.append(1)
+            if len(draws) > 1:
+                raise RuntimeError("bad draw")
+        return real(logits, t, p, gen)
+
+    monkeypatch.setattr(rows, "_sample", flaky)
+    engine = _engine(world, max_batch=8, batch_wait_ms=0)
+    real_forward = engine.dm.forward
+    engine.dm.forward = lambda *a, **k: time.sleep(0.005) or real_forward(*a, **k)  # 24 steps outlast the join
+    engine.start()
+    try:
+        running = Job(engine, "Hello there", LORA, 24)
+        assert running.first_text.wait(30)
+        ev = Job(engine, "Hi", LORA2, 8, temperature=0.5).result()  # joins the running batch, then fails in it
+        assert ev.kind == "error" and ev.status == 500 and "bad draw" in ev.text
+        ev = running.result()
+        assert ev.kind == "done" and ev.text.strip() == ref(LORA, "Hello there", 24)  # unchanged by the failure
+        assert all(e.pins == 0 for e in engine.registry._loaded.values())
+        assert engine.metrics.finished.value(reason="error") == 1
+        assert engine.metrics.batch_size.max_bucket(phase="decode") >= 2  # the two rows did share the batch
+    finally:
+        engine.stop()
+
+
+def test_a_request_the_engine_cannot_start_is_refused_and_unpinned(world, ref):
+    engine = _engine(world, batch_wait_ms=0)
+    engine.start()
+    try:
+        # no schema in front: torch.Generator refuses the seed when the engine builds the row
+        ev = Job(engine, "Hello there", LORA, 4, temperature=0.7, seed=2**70).result()
+        assert ev.kind == "error" and ev.status == 400 and "cannot start this request" in ev.text
+        assert engine.registry._loaded[LORA].pins == 0
+        ev = Job(engine, "Hello there", LORA, 4).result()
+        assert ev.kind == "done" and ev.text.strip() == ref(LORA, "Hello there", 4)
+    finally:
+        engine.stop()
+
+
+def test_a_tiny_temperature_samples_the_greedy_token():
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.999])
+    for t in (1e-300, 1e-30, 1e-8):
+        assert rows_sample(logits, t) == 1
+    with pytest.raises(ValueError, match="NaN or inf"):
+        rows_sample(torch.tensor([0.0, float("nan")]), 1.0)
+
+
+def rows_sample(logits, temperature):
+    from deltatune.serve.rows import _sample
+
+    return _sample(logits, temperature, 1.0, torch.Generator().manual_seed(0))
 
 
 def test_cancelled_rows_leave_and_unpin(world):

@@ -195,20 +195,32 @@ class Engine:
                 if self.rows or group:  # adapters in use will be released: wait for them
                     deferred.append(req)
                     continue
-                self._reject(req, e)
+                self._reject(req, e.status, e.code, str(e))
                 continue
             except AdapterError as e:
-                self._reject(req, e)
+                self._reject(req, e.status, e.code, str(e))
+                continue
+            try:
+                row = Row(req, internal, self.tok, self.eos)
+            except Exception as e:  # e.g. a seed the generator refuses, from a caller that skipped the schema
+                if req.adapter is not None:
+                    self.registry.release(req.adapter)
+                self._reject(req, 400, "invalid_request", f"cannot start this request: {type(e).__name__}: {e}")
                 continue
             req.sink(Event("start"))
-            group.append(Row(req, internal, self.tok, self.eos))
+            group.append(row)
         self.pending.extendleft(reversed(deferred))
         if group:
-            self._prefill(group)
+            try:
+                self._prefill(group)
+            except Exception as e:  # whatever failed, these rows end now and release their adapters
+                log.exception("prefill failed")
+                for r in group:
+                    self._finish(r, error=(500, "internal_error", f"generation failed: {type(e).__name__}: {e}"))
 
-    def _reject(self, req: GenRequest, e: AdapterError) -> None:
+    def _reject(self, req: GenRequest, status: int, code: str, text: str) -> None:
         self.metrics.finished.inc(reason="error")
-        req.sink(Event("error", text=str(e), status=e.status, code=e.code))
+        req.sink(Event("error", text=text, status=status, code=code))
 
     def _prefill(self, group: list[Row]) -> None:
         width = max(len(r.req.prompt_ids) for r in group)
@@ -221,13 +233,7 @@ class Engine:
             self.metrics.prompt_tokens.inc(n)
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        try:
-            out = self._forward(group, "prefill", input_ids=ids, attention_mask=mask, position_ids=pos)
-        except Exception as e:  # only these rows fail; the running batch is untouched
-            log.exception("prefill failed")
-            for r in group:
-                self._finish(r, error=(500, "internal_error", f"generation failed: {type(e).__name__}: {e}"))
-            return
+        out = self._forward(group, "prefill", input_ids=ids, attention_mask=mask, position_ids=pos)
         tokens = choose(out.logits[:, -1], group)
         keep = self._advance(group, tokens)
         if not keep:
@@ -249,7 +255,8 @@ class Engine:
                             position_ids=pos, **{self._cache_arg: self._cache})
         self._mask = mask
         tokens = choose(out.logits[:, -1], self.rows)
-        self._last = torch.tensor(tokens, device=self.device)
+        # a row whose sampling failed leaves in _keep below; until then the pad id stands in for its token
+        self._last = torch.tensor([t if isinstance(t, int) else self.pad for t in tokens], device=self.device)
         self._keep(self._advance(self.rows, tokens))
 
     def _forward(self, rows: list[Row], phase: str, **inputs):
@@ -259,10 +266,16 @@ class Engine:
         with torch.inference_mode():
             return self.dm(**inputs, use_cache=True, logits_to_keep=1, adapters=adapters)
 
-    def _advance(self, rows: list[Row], tokens: list[int]) -> list[int]:
-        """Give every row its token; send new text; finish rows that are done. Returns the rows that go on."""
+    def _advance(self, rows: list[Row], tokens: list[int | Exception]) -> list[int]:
+        """Give every row its token; send new text; finish rows that are done. Returns the rows that go on.
+
+        A row whose token could not be chosen (an exception in ``tokens``) fails alone, answered 500."""
         keep = []
         for i, (row, tok) in enumerate(zip(rows, tokens)):
+            if isinstance(tok, Exception):
+                log.error("sampling failed for one row: %s", tok)
+                self._finish(row, error=(500, "internal_error", f"sampling failed: {tok}"))
+                continue
             piece = row.push(tok)
             self.metrics.generated_tokens.inc()
             if row.generated == 1:
@@ -288,6 +301,10 @@ class Engine:
         self._last = self._last[torch.tensor(keep, device=self.device)]
 
     def _finish(self, row: Row, error: tuple[int, str, str] | None = None) -> None:
+        """End ``row`` once: release its adapter, count it, tell its client (an error, or done)."""
+        if row.closed:
+            return
+        row.closed = True
         if row.req.adapter is not None:
             self.registry.release(row.req.adapter)
         if error is not None:

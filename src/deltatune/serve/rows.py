@@ -64,6 +64,7 @@ class Row:
         self.sent = 0
         self.finish: str | None = None
         self.first_token_at: float | None = None
+        self.closed = False  # finished and answered (the engine's _finish ran)
         self.gen = None
         if req.temperature > 0 and req.seed is not None:
             self.gen = torch.Generator().manual_seed(req.seed)
@@ -105,17 +106,28 @@ class Row:
         return best
 
 
-def choose(logits: Tensor, rows: Sequence[Row]) -> list[int]:
-    """The next token of every row: argmax for greedy rows, a temperature / top-p sample for the others."""
-    tokens = logits.argmax(-1)
+def choose(logits: Tensor, rows: Sequence[Row]) -> list[int | Exception]:
+    """The next token of every row: argmax for greedy rows, a temperature / top-p sample for the others.
+
+    A row whose token cannot be chosen (non-finite logits) gets the exception instead: it fails alone.
+    """
+    tokens: list[int | Exception] = logits.argmax(-1).tolist()
     for i, row in enumerate(rows):
         if row.req.temperature > 0:
-            tokens[i] = _sample(logits[i].float(), row.req.temperature, row.req.top_p, row.gen)
-    return tokens.tolist()
+            try:
+                tokens[i] = _sample(logits[i].float(), row.req.temperature, row.req.top_p, row.gen)
+            except (RuntimeError, ValueError) as e:
+                tokens[i] = e
+    return tokens
 
 
 def _sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    probs = torch.softmax(logits / temperature, dim=-1)
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model's logits hold NaN or inf values")
+    # in float64 and shifted so the largest is 0: any temperature > 0, however small, gives finite probabilities
+    # (1e-300 is 0 in float32: the division alone would make NaN)
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         p, idx = probs.sort(descending=True)
         keep = p.cumsum(0) - p < top_p  # the smallest prefix whose mass reaches top_p (always >= 1 token)
