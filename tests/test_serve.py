@@ -262,9 +262,34 @@ def test_limits_answer_4xx_with_clear_messages(client):
                        ({"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop")]:
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 400 and word in r.json()["error"]["message"], body
-    assert client.post("/v1/completions", content=b"{not json").status_code == 400
+    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400
     r = _complete(client, "gpt-4", "hi")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_web_page_cannot_drive_the_server(world, client):
+    """A keyless loopback server: a page the user visits may POST text/plain cross-site with no preflight. Any
+    Origin not allowed is refused before anything runs; a body not declared JSON is refused too."""
+    assert client.post("/v1/adapters/load", json={"name": LORA}).status_code == 200
+    loaded = client.get("/health").json()["adapters_loaded"]
+    page = {"origin": "https://evil.example", "content-type": "text/plain"}
+    body = json.dumps({"name": LORA})
+    r = client.post("/v1/adapters/unload", content=body, headers=page)
+    assert r.status_code == 403 and "--allow-origin https://evil.example" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"}, headers={"origin": "null"})
+    assert r.status_code == 403  # sandboxed frames and file: pages send "null"
+    r = client.post("/v1/adapters/unload", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    assert client.get("/health").json()["adapters_loaded"] == loaded  # nothing was unloaded
+    with _server(world, limits=Limits(allowed_origins=("https://app.example",))) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as allowed:
+        r = allowed.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": 0},
+                         headers={"origin": "https://app.example"})
+        assert r.status_code == 200, r.text
+        r = allowed.post("/v1/completions", json={"model": "tiny", "prompt": "hi"},
+                         headers={"origin": "https://evil.example"})
+        assert r.status_code == 403
 
 
 # -- batching ---------------------------------------------------------------------------------------

@@ -216,11 +216,12 @@ def test_the_serve_command_passes_its_options_through(monkeypatch, tmp_path):
     monkeypatch.setattr(server, "serve", lambda *a, **kw: seen.update(args=a, **kw))
     monkeypatch.setenv("DELTATUNE_API_KEY", "from-env")
     r = CliRunner().invoke(cli.app, ["serve", "--model", "m", "--adapters", str(tmp_path), "--max-batch", "4",
-                                     "--batch-wait-ms", "5", "--max-adapters", "3", "--max-tokens", "64"])
+                                     "--batch-wait-ms", "5", "--max-adapters", "3", "--max-tokens", "64",
+                                     "--allow-origin", "https://app.example"])
     assert r.exit_code == 0, r.output
     assert seen["args"] == ("m", tmp_path) and seen["host"] == "127.0.0.1" and seen["api_key"] == "from-env"
     assert (seen["max_batch"], seen["batch_wait_ms"], seen["max_adapters"]) == (4, 5.0, 3)
-    assert seen["limits"].max_tokens == 64
+    assert seen["limits"].max_tokens == 64 and seen["limits"].allowed_origins == ("https://app.example",)
     monkeypatch.setattr(server, "serve", lambda *a, **kw: (_ for _ in ()).throw(FileNotFoundError("nope: missing")))
     r = CliRunner().invoke(cli.app, ["serve", "--model", "m", "--adapters", str(tmp_path)])
     assert r.exit_code == 2 and "nope: missing" in r.output

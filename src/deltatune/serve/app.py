@@ -36,18 +36,25 @@ _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapter
 
 @dataclass
 class Limits:
-    """Request limits (400/413 beyond them)."""
+    """What a request may be: its size (400/413 beyond), and which web pages may send it.
+
+    ``allowed_origins``: browser origins (``https://app.example``) allowed to call the server. A request carrying
+    any other ``Origin`` header is refused (403): a web page the user visits must not drive a server on their
+    machine (``text/plain`` POSTs need no CORS preflight). Non-browser clients send no ``Origin``.
+    """
 
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024
     max_body_bytes: int = 1 << 20
+    allowed_origins: tuple[str, ...] = ()
 
 
 class _Limited:
-    """ASGI middleware: reads the request body up front and answers 413 beyond ``limit`` bytes; counts requests."""
+    """ASGI middleware, before any handler: refuses a browser ``Origin`` not allowed (403), reads the body up front
+    and answers 413 beyond ``limit`` bytes, refuses a POST body that is not declared JSON (415); counts requests."""
 
-    def __init__(self, app, limit: int, metrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app, limit: int, metrics, origins: tuple[str, ...] = ()):
+        self.app, self.limit, self.metrics, self.origins = app, limit, metrics, set(origins)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -61,11 +68,25 @@ class _Limited:
             await send(message)
 
         try:
+            headers = dict(scope["headers"])
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            if origin and origin not in self.origins:
+                err = APIError(403, f"requests from the web page {origin} are refused (a page a user visits must not "
+                                    f"drive this server); to allow it, start the server with --allow-origin {origin}",
+                               code="origin_not_allowed")
+                await JSONResponse(err.body(), status_code=403)(scope, receive, counted_send)
+                return
             body = await self._read(scope, receive)
             if body is None:
                 err = APIError(413, f"request body larger than the limit of {self.limit} bytes",
                                code="request_too_large")
                 await JSONResponse(err.body(), status_code=413)(scope, receive, counted_send)
+                return
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if scope["method"] == "POST" and ctype != b"application/json":
+                err = APIError(415, f"the request body must be JSON, sent with 'Content-Type: application/json' "
+                                    f"(got {ctype.decode('latin-1') or 'none'})", code="unsupported_media_type")
+                await JSONResponse(err.body(), status_code=415)(scope, receive, counted_send)
                 return
             replayed = False
 
@@ -118,7 +139,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         engine.stop()
 
     app = FastAPI(title="deltatune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Limited, limit=limits.max_body_bytes, metrics=metrics)
+    app.add_middleware(_Limited, limit=limits.max_body_bytes, metrics=metrics, origins=limits.allowed_origins)
 
     @app.exception_handler(APIError)
     async def _api_error(_request, e: APIError):
