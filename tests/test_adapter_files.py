@@ -186,6 +186,18 @@ BAD = {
     "extra-module": (lambda f: _edit_weights(f, lambda t: t.update(
         {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 32)})), {},
         dt.AdapterFileError, ["model.layers.0.mlp.up_proj"]),
+    "config-is-a-list": (lambda f: (f / "adapter_config.json").write_text("[]"), {}, dt.AdapterFileError,
+                         ["adapter_config.json", "JSON object, not a list"]),
+    "config-nested-too-deeply": (lambda f: (f / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000),
+                                 {}, dt.AdapterFileError, ["adapter_config.json", "nested too deeply"]),
+    "our-config-is-a-list": (lambda f: _edit_config(f, lambda d: d["deltatune"].update(config=[])), {},
+                             dt.AdapterFileError, ["adapter_config.json", "deltatune.config", "not a list"]),
+    "peft-field-of-the-wrong-kind": (lambda f: _edit_config(f, lambda d: (d.pop("deltatune"), d.update(r="four"))),
+                                     {}, dt.AdapterFileError, ["adapter_config.json"]),
+    "nan-weight": (lambda f: _edit_weights(f, lambda t: t[f"{Q0}.lora_A.weight"].view(-1).__setitem__(3, float("nan"))),
+                   {}, dt.AdapterFileError, ["adapter_model.safetensors", f"{Q0}.lora_A.weight", "NaN or inf"]),
+    "inf-weight": (lambda f: _edit_weights(f, lambda t: t[f"{Q0}.lora_B.weight"].view(-1).__setitem__(0, float("inf"))),
+                   {}, dt.AdapterFileError, ["adapter_model.safetensors", f"{Q0}.lora_B.weight", "NaN or inf"]),
     "missing-key": (lambda f: _edit_weights(f, lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")),
                     {}, dt.AdapterFileError, ["model.layers.1.self_attn.v_proj", "lora_B.weight"]),
 }

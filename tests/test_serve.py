@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -182,6 +183,26 @@ def test_a_bad_adapter_file_is_rejected_and_the_server_keeps_serving(client, ref
     assert "'bad'" in msg and "not a readable safetensors file" in msg and str(os.sep + "adapters") not in msg
     ok = _complete(client, f"tiny:{LORA}", PROMPTS[0], max_tokens=5)
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"].strip() == ref(LORA, PROMPTS[0], 5)
+
+
+@pytest.mark.parametrize("config", ["[]", "[" * 50_000 + "]" * 50_000, '{"deltatune": {"type": "lora", "config": []}}',
+                                    '{"peft_type": "LORA", "r": "four", "target_modules": 7}'],
+                         ids=["list", "deeply-nested", "config-list", "wrong-kinds"])
+@pytest.mark.parametrize("how", ["load", "request"])
+def test_a_malformed_adapter_config_is_a_400_and_the_server_keeps_serving(world, client, ref, config, how):
+    folder = world[1] / "malformed"
+    folder.mkdir()
+    try:
+        (folder / "adapter_config.json").write_text(config)
+        (folder / "adapter_model.safetensors").write_bytes((world[1] / LORA / "adapter_model.safetensors").read_bytes())
+        r = (client.post("/v1/adapters/load", json={"name": "malformed"}) if how == "load"
+             else _complete(client, "tiny:malformed", PROMPTS[0]))
+        assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"], r.text
+    finally:
+        shutil.rmtree(folder)
+    ok = _complete(client, f"tiny:{LORA}", PROMPTS[0], max_tokens=5)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"].strip() == ref(LORA, PROMPTS[0], 5)
+    assert client.get("/health").json()["running"] == 0
 
 
 def test_an_input_level_adapter_is_refused_with_the_reason(client):

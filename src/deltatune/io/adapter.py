@@ -127,9 +127,16 @@ def read_config(folder: Path) -> DeltaConfig:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFileError(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise AdapterFileError(f"{file}: JSON nested too deeply to be an adapter config") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{file}: an adapter config is a JSON object, not a {type(data).__name__}")
     try:
         ours = data.get("deltatune")
         if isinstance(ours, dict) and "type" in ours:
+            if not isinstance(ours.get("config", {}), dict):
+                raise AdapterFileError(f"{file}: deltatune.config must be a JSON object, "
+                                       f"not a {type(ours['config']).__name__}")
             if ours.get("format", FORMAT_VERSION) > FORMAT_VERSION:
                 warnings.warn(f"{file}: written in format {ours['format']} by deltatune {ours.get('version')}; "
                               f"this release reads format {FORMAT_VERSION} and may miss newer fields", stacklevel=3)
@@ -145,8 +152,10 @@ def read_config(folder: Path) -> DeltaConfig:
                 return cls.from_peft(data)
     except ValidationError as e:
         raise AdapterFileError(f"{file}: invalid config: {e}") from None
-    except (KeyError, TypeError) as e:
-        raise AdapterFileError(f"{file}: missing or malformed field {e}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field of the wrong kind, or missing
+        if isinstance(e, AdapterFileError):
+            raise
+        raise AdapterFileError(f"{file}: missing or malformed field ({type(e).__name__}: {e})") from None
     raise AdapterFileError(f"{file}: unknown method type {peft_type!r}; deltatune reads: {available_methods()}")
 
 
@@ -173,6 +182,10 @@ def read_weights(folder: Path, allow_pickle: bool = False, prefix: str = PREFIX)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
             raise AdapterFileError(f"{pickled[0]}: cannot be read ({e})") from None
     tensors = _decompress(folder, tensors)
+    for k, t in tensors.items():  # a NaN or inf weight would poison every output it touches: refuse it here
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            source = file if file.is_file() else folder
+            raise AdapterFileError(f"{source}: tensor {k} holds NaN or inf values")
     out = {}
     for k, t in tensors.items():
         k = k[len(prefix):] if k.startswith(prefix) else k
