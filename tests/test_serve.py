@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -311,6 +312,43 @@ def test_a_web_page_cannot_drive_the_server(world, client):
         r = allowed.post("/v1/completions", json={"model": "tiny", "prompt": "hi"},
                          headers={"origin": "https://evil.example"})
         assert r.status_code == 403
+
+
+def test_health_and_metrics_answer_while_an_adapter_loads(world):
+    """A load reads files and builds deltas on the engine's thread; the registry's lock is not held meanwhile.
+    The load here waits until /health, /metrics and /v1/models have answered: were they blocked by it, they
+    would time out (5 s) and the load would never finish."""
+    from deltatune.serve import AdapterRegistry, Engine, Metrics
+    from deltatune.serve.app import create_app
+
+    model, tok = dt.load_pretrained(world[0])
+    dm = dt.DeltaModel(model)
+    registry = AdapterRegistry(dm, world[1])
+    reading, answered = threading.Event(), threading.Event()
+    real_load = dm.load
+
+    def slow_load(*a, **kw):  # a slow disk: the load is inside its file reads until the probes have answered
+        reading.set()
+        assert answered.wait(30), "the probes never answered"
+        return real_load(*a, **kw)
+
+    dm.load = slow_load
+    app = create_app(Engine(dm, tok, registry, metrics=Metrics()), "tiny")
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=5) as probe, \
+            httpx.Client(base_url=server.url, timeout=60) as admin:
+        result = {}
+        loader = threading.Thread(target=lambda: result.update(
+            r=admin.post("/v1/adapters/load", json={"name": LORA})))
+        loader.start()
+        assert reading.wait(30)
+        try:
+            assert probe.get("/health").json()["adapters_loaded"] == 0  # the load is not done: nothing counted
+            assert probe.get("/metrics").status_code == 200
+            assert probe.get("/v1/models").status_code == 200
+        finally:
+            answered.set()
+            loader.join(60)
+        assert result["r"].status_code == 200 and probe.get("/health").json()["adapters_loaded"] == 1
 
 
 # -- batching ---------------------------------------------------------------------------------------

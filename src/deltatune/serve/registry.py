@@ -141,10 +141,11 @@ class AdapterRegistry:
     def acquire(self, name: str) -> str:
         """Pin ``name`` for a request (loading it if needed); returns its name inside the DeltaModel."""
         with self._lock:
-            entry = self._loaded.get(name)
-            if entry is None:
-                self.load(name)
-                entry = self._loaded[name]
+            missing = name not in self._loaded
+        if missing:
+            self.load(name)  # only this (the worker) thread changes what is loaded: nothing can come between
+        with self._lock:
+            entry = self._loaded[name]
             self._loaded.move_to_end(name)
             entry.pins += 1
             return entry.internal
@@ -156,40 +157,46 @@ class AdapterRegistry:
                 entry.pins -= 1
 
     def load(self, name: str) -> dict:
-        """Load ``name`` (no-op if loaded), evicting least-recently-used unpinned adapters to make room."""
+        """Load ``name`` (no-op if loaded), evicting least-recently-used unpinned adapters to make room.
+
+        The lock is held only for the bookkeeping, never while files are read or deltas built: handlers reading
+        the registry (``/health``, ``/metrics``, ``/v1/models``) do not wait for a load.
+        """
         with self._lock:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return {"name": name, "loaded": True, "already_loaded": True, "bytes": self._loaded[name].nbytes,
                         "evicted": []}
-            folder = self.folder(name)
             pinned = [e for e in self._loaded.values() if e.pins]
-            if len(pinned) >= self.max_adapters:
-                raise CacheFull(f"cannot load adapter {name!r}: all {len(self._loaded)} loaded adapters "
-                                f"(--max-adapters {self.max_adapters}) are in use; retry shortly")
-            weights = folder / WEIGHTS_NAME  # its size estimates the tensors: no load only to find no room
-            estimate = weights.stat().st_size if weights.is_file() else 0
-            if estimate <= self.max_bytes < sum(e.nbytes for e in pinned) + estimate:
-                raise CacheFull(f"cannot load adapter {name!r} (~{estimate} bytes): the adapters in use fill the "
-                                f"cache (--max-adapter-bytes {self.max_bytes}); retry shortly")
-            internal = f"srv{next(self._ids)}"
-            try:
-                self.dm.load(folder, internal)
-            except (AdapterFileError, ValueError, KeyError, FileNotFoundError, OSError) as e:
-                msg = (e.args[0] if isinstance(e, KeyError) and e.args else str(e)).replace(str(folder), name)
-                raise AdapterError(f"adapter {name!r} cannot be loaded: {msg}", code="invalid_adapter_file") from None
-            deltas = self.dm.deltas(internal)
-            if any(d.input_level for d in deltas.values()):
-                cfg_type = self.dm.configs[internal].type
-                self.dm.delete(internal)
-                raise AdapterError(f"adapter {name!r} is {cfg_type}, an input-level method (virtual tokens or "
-                                   f"prefixes for the whole batch); it cannot be routed per row, so this server "
-                                   f"does not serve it", code="adapter_not_routable")
-            nbytes = _nbytes(deltas.values())
-            if nbytes > self.max_bytes:
-                self.dm.delete(internal)
-                raise AdapterError(f"adapter {name!r} needs {nbytes} bytes, more than --max-adapter-bytes "
-                                   f"{self.max_bytes}", status=413, code="adapter_too_large")
+            pinned_bytes = sum(e.nbytes for e in pinned)
+        folder = self.folder(name)
+        if len(pinned) >= self.max_adapters:
+            raise CacheFull(f"cannot load adapter {name!r}: all {len(pinned)} loaded adapters "
+                            f"(--max-adapters {self.max_adapters}) are in use; retry shortly")
+        weights = folder / WEIGHTS_NAME  # its size estimates the tensors: no load only to find no room
+        estimate = weights.stat().st_size if weights.is_file() else 0
+        if estimate <= self.max_bytes < pinned_bytes + estimate:
+            raise CacheFull(f"cannot load adapter {name!r} (~{estimate} bytes): the adapters in use fill the "
+                            f"cache (--max-adapter-bytes {self.max_bytes}); retry shortly")
+        internal = f"srv{next(self._ids)}"
+        try:
+            self.dm.load(folder, internal)
+        except (AdapterFileError, ValueError, KeyError, FileNotFoundError, OSError) as e:
+            msg = (e.args[0] if isinstance(e, KeyError) and e.args else str(e)).replace(str(folder), name)
+            raise AdapterError(f"adapter {name!r} cannot be loaded: {msg}", code="invalid_adapter_file") from None
+        deltas = self.dm.deltas(internal)
+        if any(d.input_level for d in deltas.values()):
+            cfg_type = self.dm.configs[internal].type
+            self.dm.delete(internal)
+            raise AdapterError(f"adapter {name!r} is {cfg_type}, an input-level method (virtual tokens or "
+                               f"prefixes for the whole batch); it cannot be routed per row, so this server "
+                               f"does not serve it", code="adapter_not_routable")
+        nbytes = _nbytes(deltas.values())
+        if nbytes > self.max_bytes:
+            self.dm.delete(internal)
+            raise AdapterError(f"adapter {name!r} needs {nbytes} bytes, more than --max-adapter-bytes "
+                               f"{self.max_bytes}", status=413, code="adapter_too_large")
+        with self._lock:
             evicted = []
             while len(self._loaded) >= self.max_adapters or self.loaded_bytes + nbytes > self.max_bytes:
                 victim = self._evictable()
