@@ -281,11 +281,14 @@ def test_limits_answer_4xx_with_clear_messages(client):
     for body, word in [({"model": "tiny", "prompt": "hi", "n": 2}, "n=2"), ({"model": "tiny"}, "prompt"),
                        ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
                        ({"model": "tiny", "prompt": ["a", "b"]}, "one prompt"),
-                       ({"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop")]:
+                       ({"model": "tiny", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+                       ({"model": "tiny", "prompt": "hi", "stop": "x" * 257}, "at most 256 characters")]:
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 400 and word in r.json()["error"]["message"], body
-    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400
+    for raw, word in [(b"{not json", "not valid JSON"), (b'{"model": "tiny", "logprobs": ' + b"[" * 3000, "nested"),
+                      (b"[1, 2]", "JSON object")]:
+        r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and word in r.json()["error"]["message"], raw[:40]
     r = _complete(client, "gpt-4", "hi")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
@@ -349,6 +352,68 @@ def test_health_and_metrics_answer_while_an_adapter_loads(world):
             answered.set()
             loader.join(60)
         assert result["r"].status_code == 200 and probe.get("/health").json()["adapters_loaded"] == 1
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_frees_as_it_drains(world):
+    # one row at a time, 5 ms a step: the first request runs, the second waits, the third finds the queue full
+    with _server(world, step_delay=0.005, max_batch=1,
+                 limits=Limits(max_waiting=1, max_tokens=256)) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 60, "temperature": 0}
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as running:
+            lines = running.iter_lines()  # kept: a dropped line iterator closes the stream
+            assert next(lines).startswith("data: ")  # admitted and decoding
+            waiting = threading.Thread(target=lambda: client.post("/v1/completions", json=body))
+            waiting.start()
+            deadline = time.monotonic() + 20
+            while client.get("/health").json()["waiting"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+            assert r.json()["error"]["code"] == "server_busy" and "limit: 1" in r.json()["error"]["message"]
+        waiting.join(60)
+        assert client.post("/v1/completions", json=body).status_code == 200  # drained: served again
+
+
+class _GatedTokenizer:
+    """The model's tokenizer, except that encoding text waits for ``gate`` (a slow, huge prompt)."""
+
+    def __init__(self, tok, gate: threading.Event, entered: threading.Event):
+        self._tok, self._gate, self._entered = tok, gate, entered
+
+    def __call__(self, *args, **kwargs):
+        self._entered.set()
+        assert self._gate.wait(30)
+        return self._tok(*args, **kwargs)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_tokenising_a_prompt_does_not_stall_the_event_loop(world):
+    from deltatune.serve import AdapterRegistry, Engine, Metrics
+    from deltatune.serve.app import create_app
+
+    model, tok = dt.load_pretrained(world[0])
+    gate, entered = threading.Event(), threading.Event()
+    dm = dt.DeltaModel(model)
+    engine = Engine(dm, _GatedTokenizer(tok, gate, entered), AdapterRegistry(dm, world[1]), metrics=Metrics())
+    with BackgroundServer(create_app(engine, "tiny")) as server, \
+            httpx.Client(base_url=server.url, timeout=5) as probe, httpx.Client(base_url=server.url, timeout=60) as c:
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=c.post("/v1/completions", json={
+            "model": "tiny", "prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0})))
+        t.start()
+        assert entered.wait(30)
+        try:
+            assert probe.get("/health").status_code == 200  # answered while the prompt is being tokenised
+        finally:
+            gate.set()
+            t.join(60)
+        assert result["r"].status_code == 200
 
 
 # -- batching ---------------------------------------------------------------------------------------

@@ -309,6 +309,7 @@ def serve(
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes"),
     preload: list[str] = typer.Option([], "--preload", help="Adapter to load at start (repeatable)."),
+    max_waiting: int = typer.Option(64, "--max-waiting", help="Requests waiting for the batch; beyond, 429."),
     allow_origin: list[str] = typer.Option([], "--allow-origin",
                                            help="A web page origin allowed to call (repeatable; others get 403)."),
     log_level: str = typer.Option("info", "--log-level"),
@@ -330,7 +331,7 @@ def serve(
             max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_adapters=max_adapters,
             max_adapter_bytes=max_adapter_bytes, preload=preload,
             limits=Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_bytes=max_body_bytes,
-                          allowed_origins=tuple(allow_origin)))
+                          allowed_origins=tuple(allow_origin), max_waiting=max_waiting))
     except (ValueError, FileNotFoundError, KeyError, TypeError, NotImplementedError, AdapterError) as e:
         _fail(e)
 

@@ -13,6 +13,8 @@ its request, and its row leaves the batch at the next step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import hmac
 import json
 import time
@@ -36,7 +38,7 @@ _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapter
 
 @dataclass
 class Limits:
-    """What a request may be: its size (400/413 beyond), and which web pages may send it.
+    """What a request may be: its size (400/413 beyond), which web pages may send it, how many may wait (429).
 
     ``allowed_origins``: browser origins (``https://app.example``) allowed to call the server. A request carrying
     any other ``Origin`` header is refused (403): a web page the user visits must not drive a server on their
@@ -47,6 +49,7 @@ class Limits:
     max_tokens: int = 1024
     max_body_bytes: int = 1 << 20
     allowed_origins: tuple[str, ...] = ()
+    max_waiting: int = 64  # requests waiting for a place in the batch; beyond, 429 with Retry-After
 
 
 class _Limited:
@@ -133,10 +136,18 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
     metrics.gauge("deltatune_running_requests", "Requests in the running batch.", lambda: len(engine.rows))
     metrics.gauge("deltatune_waiting_requests", "Requests waiting to join the batch.", lambda: engine.waiting)
 
+    # tokenising a long prompt or a chat template takes up to a second: off the event loop, so /health and the
+    # streams keep answering; one thread, so the tokenizer is never entered twice at once
+    tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltatune-tokenize")
+
+    async def off_loop(fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, functools.partial(fn, *args, **kwargs))
+
     async def lifespan(_app):
         engine.start()
         yield
         engine.stop()
+        tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="deltatune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Limited, limit=limits.max_body_bytes, metrics=metrics, origins=limits.allowed_origins)
@@ -228,13 +239,21 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         default = 16 if isinstance(body, S.CompletionRequest) else room  # OpenAI's defaults
         return ids, asked or default
 
+    def not_too_busy() -> None:
+        """Backpressure: a bounded wait for a place in the batch, beyond which clients are told to come back."""
+        if engine.waiting >= limits.max_waiting:
+            raise APIError(429, f"{engine.waiting} requests are already waiting for a place in the batch (this "
+                                f"server's limit: {limits.max_waiting}); retry shortly", code="server_busy",
+                           headers={"Retry-After": "1"})
+
     @v1.post("/v1/completions")
     async def completions(request: Request):
         body = await _parse(request, S.CompletionRequest)
         body.check_supported()
         adapter = resolve(body.model)
+        not_too_busy()
         prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
-        ids, max_tokens = prompt_ids(body, prompt)
+        ids, max_tokens = await off_loop(prompt_ids, body, prompt)
         return await _generate(request, body, adapter, ids, max_tokens, chat=False)
 
     @v1.post("/v1/chat/completions")
@@ -244,8 +263,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         adapter = resolve(body.model)
         if getattr(tok, "chat_template", None) is None:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        text = tok.apply_chat_template(body.chat(), tokenize=False, add_generation_prompt=True)
-        ids, max_tokens = prompt_ids(body, text)
+        not_too_busy()
+        text = await off_loop(tok.apply_chat_template, body.chat(), tokenize=False, add_generation_prompt=True)
+        ids, max_tokens = await off_loop(prompt_ids, body, text)
         return await _generate(request, body, adapter, ids, max_tokens, chat=True)
 
     async def _generate(request: Request, body: S._Generation, adapter: str | None, ids: list[int],
@@ -334,6 +354,8 @@ async def _parse(request: Request, model: type[BaseModel]):
         data = json.loads(await request.body() or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise APIError(400, "the request body is JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:

@@ -79,7 +79,10 @@ class Row:
         else:
             self.tokens.append(token)
             self.text = self.tok.decode(self.tokens, skip_special_tokens=True)
-            cut = min((i for i in (self.text.find(s) for s in self.req.stop if s) if i >= 0), default=-1)
+            # text already sent holds no stop string nor the start of one: only its last len(s)-1 characters
+            # can begin a new match, so each token costs the new text, not the whole text
+            cut = min((i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.req.stop if s)
+                       if i >= 0), default=-1)
             if cut >= 0:
                 self.text, self.finish = self.text[:cut], "stop"
             elif self.generated >= self.req.max_tokens:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOPS = 4
+MAX_STOP_CHARS = 256  # each stop string is searched for after every token
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
@@ -59,6 +60,8 @@ class _Generation(BaseModel):
             raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return stops
 
     def check_supported(self) -> None:
