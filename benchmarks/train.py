@@ -80,7 +80,7 @@ def child(system: str, regime: str, steps: int, warmup: int) -> dict:
                           callbacks=[Clock()], progress=False)
         order = trainer._batches(0)  # the batches it will see, for the token count
         tokens = [sum(len(ds[j].input_ids) for j in b) for b in order[: steps + warmup]]
-        trainer.train()
+        trainer.train(overwrite=True)  # a scratch folder, reused run after run
     else:
         from deltatune.train.data import bucket_batches
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import deltatune as dt
-from deltatune.train.checkpoint import latest_checkpoint
+from deltatune.cli import app
+from deltatune.train.checkpoint import MANIFEST, damage, latest_checkpoint
 from deltatune.train.data import Collator, load_dataset
 from deltatune.train.run import load_run_config, run
 from deltatune.train.trainer import Callback, TrainConfig, Trainer, TrainingDiverged, causal_lm_loss
@@ -289,3 +291,105 @@ def test_sparse_ft_gradient_mask_is_calibrated_by_the_trainer_on_a_fresh_run(tmp
     assert any(not torch.equal(before[p], after[p]) for p in after)  # not the magnitude mask any more
     for p in after:
         assert torch.equal(after[p], expected[p]), p
+
+
+# -- faults: a fresh run never mixes with an earlier one; a damaged newest checkpoint is detected on resume, which
+# falls back to the newest intact one (and still ends where an uninterrupted run ends) ------------------------------
+class _Crash(Callback):
+    """The process dies at the end of step ``at`` (before that step's checkpoint)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.at:
+            raise KeyboardInterrupt(f"killed at step {step}")
+
+
+def _trainer(folder, data, out: Path, steps: int = 10, crash_at: int | None = None) -> Trainer:
+    model, tok = dt.load_pretrained(folder)
+    torch.manual_seed(0)
+    dm = dt.attach(model, dt.LoRAConfig(r=4, init="random"))
+    ds = load_dataset(data, tok, max_length=32)
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, save_every=2, keep_checkpoints=3, seed=1)
+    return Trainer(dm, ds, cfg, out, collate=Collator(tok), progress=False,
+                   callbacks=[_Crash(crash_at)] if crash_at else [])
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+# -- a fresh run into a folder holding an earlier run ------------------------------------------------------------
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_run_and_changes_nothing(tmp_path, tiny_folder, data_files):
+    path = _write_run(tmp_path, tiny_folder, data_files["pc"], steps=4, save_every=2)
+    run(load_run_config(path), progress=False)
+    out = tmp_path / "run"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError) as err:
+        run(load_run_config(path, ["train.lr=1e-3"]), progress=False)
+    msg = str(err.value)
+    assert str(out) in msg and "checkpoints" in msg and "--resume" in msg and "--overwrite" in msg
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # run.yaml too
+
+
+def test_overwrite_starts_over_and_keeps_files_that_are_not_the_runs(tmp_path, tiny_folder, data_files):
+    path = _write_run(tmp_path, tiny_folder, data_files["pc"], steps=6, save_every=2)
+    run(load_run_config(path), progress=False)
+    out = tmp_path / "run"
+    (out / "notes.txt").write_text("mine")
+    result = run(load_run_config(path, ["train.steps=2", "train.save_every=1"]), overwrite=True, progress=False)
+    assert result.steps == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]  # none of the old run
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_command_line_says_how_to_go_on(tmp_path, tiny_folder, data_files):
+    path = _write_run(tmp_path, tiny_folder, data_files["pc"], steps=2, save_every=1)
+    assert CliRunner().invoke(app, ["train", str(path), "--quiet"]).exit_code == 0
+    again = CliRunner().invoke(app, ["train", str(path), "--quiet"])
+    assert again.exit_code == 2 and "--overwrite" in "".join(again.output.split())
+    assert CliRunner().invoke(app, ["train", str(path), "--quiet", "--overwrite"]).exit_code == 0
+    assert CliRunner().invoke(app, ["train", str(path), "--quiet", "--resume"]).exit_code == 0
+
+
+# -- damaged checkpoints -----------------------------------------------------------------------------------------
+def test_checkpoints_carry_a_manifest_of_every_file(tmp_path, tiny_folder, data_files):
+    _trainer(tiny_folder, data_files["text"], tmp_path / "out", steps=2).train()
+    ckpt = tmp_path / "out" / "checkpoints" / "step-2"
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    assert {"adapter_model.safetensors", "optimizer.safetensors", "delta_state.safetensors"} <= set(manifest)
+    assert all(manifest[n]["size"] == (ckpt / n).stat().st_size for n in manifest)
+    assert damage(ckpt) is None
+    assert not list((tmp_path / "out" / "checkpoints").glob(".*tmp"))  # no temporary folder left
+
+
+@pytest.mark.parametrize("how", ["flipped-byte", "truncated", "missing-file", "no-state-file"])
+def test_resume_skips_a_damaged_newest_checkpoint_and_ends_as_an_uninterrupted_run(tmp_path, tiny_folder,
+                                                                                     data_files, how):
+    ref = tmp_path / "ref"
+    _trainer(tiny_folder, data_files["text"], ref).train()
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tiny_folder, data_files["text"], out, crash_at=9).train()  # checkpoints 4, 6, 8 written
+    newest = out / "checkpoints" / "step-8"
+    opt = newest / "optimizer.safetensors"
+    data = bytearray(opt.read_bytes())
+    if how == "flipped-byte":
+        data[-1] ^= 0xFF
+        opt.write_bytes(bytes(data))
+    elif how == "truncated":
+        opt.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "missing-file":
+        opt.unlink()
+    else:
+        (newest / "trainer_state.json").unlink()
+    with pytest.warns(RuntimeWarning, match=r"step-8 is damaged"):
+        assert latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step-6"
+    with pytest.warns(RuntimeWarning, match=r"step-8 is damaged"):
+        result = _trainer(tiny_folder, data_files["text"], out).train(resume=True)
+    assert result.steps == 10
+    want, got = _weights(ref), _weights(out)
+    assert want.keys() == got.keys()
+    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)  # exact resume from step 6

@@ -24,6 +24,7 @@ def _fail(e: Exception) -> None:
 def train(
     config: Path = typer.Argument(..., help="Run YAML (model, task, method, data, train, output)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output/checkpoints."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output folder holding an earlier run."),
     set_: list[str] = typer.Option([], "--set", help="Override a value, e.g. --set train.lr=1e-4 (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
@@ -35,8 +36,8 @@ def train(
 
     try:
         cfg = load_run_config(config, set_)
-        result = run(cfg, resume=resume, progress=not quiet)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        result = run(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         _fail(e)
     print(json.dumps({"steps": result.steps, "final_loss": result.final_loss, "eval": result.eval,
                       "tokens_per_s": round(result.tokens_per_second, 1), "adapter": str(result.adapter_dir)}))

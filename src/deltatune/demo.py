@@ -59,7 +59,7 @@ def run_demo(output: Path = Path("runs/demo"), steps: int | None = None, progres
                   f"({100 * trainable / total:.2f}%), {len(ds)} examples")
     cfg = TrainConfig(steps=steps or DEMO_STEPS, batch_size=8, lr=1e-3, warmup=10, schedule="cosine", seed=0)
     t = time.perf_counter()
-    result = Trainer(dm, ds, cfg, output, collate=Collator(tok), progress=progress).train()
+    result = Trainer(dm, ds, cfg, output, collate=Collator(tok), progress=progress).train(overwrite=True)  # its own
     times["train"] = time.perf_counter() - t
 
     # the adapter is saved; fold it into the weights so generation runs at the base model's speed

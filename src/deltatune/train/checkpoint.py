@@ -1,17 +1,21 @@
 """Training checkpoints: adapter + optimizer + scheduler + RNG + data position, written atomically.
 
-A checkpoint is a folder ``checkpoints/step-N/``. It is assembled under a temporary name and renamed
-into place only when complete, with ``trainer_state.json`` written last, so a run killed at any moment
-leaves either a complete checkpoint or none. Nothing here is pickled: tensors go to safetensors,
-everything else to JSON.
+A checkpoint is a folder ``checkpoints/step-N/``. It is assembled under a temporary name, its files and the
+folder fsynced, and renamed into place once (the parent fsynced too), with ``trainer_state.json`` written last,
+so a run killed at any moment leaves either a complete checkpoint or none. ``manifest.json`` records every file's
+size and sha256: resuming checks them and falls back, with a warning, to the newest checkpoint that is intact
+(a disk that lost what was not yet on it, a file truncated or changed since). Nothing here is pickled: tensors go
+to safetensors, everything else to JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ..io.adapter import atomic_write, save_adapter
 
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -60,19 +65,77 @@ def save_checkpoint(folder: Path, dm, adapter: str, opt, sched, trainer_state: d
     extra = {"optimizer": opt_meta, "scheduler": sched.state_dict(),
              "python_rng": [pystate[0], list(pystate[1]), pystate[2]]}
     (tmp / "extra_state.json").write_text(json.dumps(extra))
+    files = sorted(f for f in tmp.iterdir() if f.is_file())
+    manifest = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     atomic_write(tmp / STATE_FILE, lambda f: f.write_text(json.dumps(trainer_state, indent=2)))
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+    _fsync(folder.parent)
     return folder
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``root`` (incomplete ones are ignored)."""
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to the disk (a folder: so a rename inside it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with checkpoint ``folder`` (None when intact): a missing state file, or a file whose size or
+    sha256 differs from its manifest. Checkpoints written before manifests existed are taken as they are."""
+    if not (folder / STATE_FILE).is_file():
+        return f"no {STATE_FILE}"
+    if not (folder / MANIFEST).is_file():
+        return None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name, want in manifest.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{name} has {f.stat().st_size} bytes, not {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def latest_checkpoint(root: Path, *, verify: bool = True) -> Path | None:
+    """The newest intact checkpoint under ``root``: with ``verify``, newer damaged ones are skipped with a warning
+    naming the checkpoint and what is wrong (see :func:`damage`); without, the newest with a state file."""
     if not root.is_dir():
         return None
-    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()]
-    return max(done, key=lambda p: int(p.name[5:]), default=None)
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]), reverse=True)
+    for p in steps:
+        if not verify:
+            if (p / STATE_FILE).is_file():
+                return p
+            continue
+        problem = damage(p)
+        if problem is None:
+            return p
+        warnings.warn(f"checkpoint {p} is damaged ({problem}); falling back to an older one", RuntimeWarning,
+                      stacklevel=2)
+    return None
 
 
 def load_checkpoint(folder: Path, dm, adapter: str, opt, sched) -> dict[str, Any]:

@@ -96,8 +96,11 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ValueError(f"{path}: {problems}") from None
 
 
-def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Load the model and data, attach the method, train; the adapter lands in ``cfg.output``."""
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Load the model and data, attach the method, train; the adapter lands in ``cfg.output``.
+
+    A fresh run refuses an output folder holding an earlier run unless ``overwrite`` (see ``Trainer.claim_output``).
+    """
     from .. import attach
     from ..core.targeting import output_heads
     from ..models import load_pretrained
@@ -119,8 +122,9 @@ def run(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> Train
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     dm = attach(model, mcfg)
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    (cfg.output / "run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     trainer = Trainer(dm, train_ds, cfg.train, cfg.output, eval_data=eval_ds, task=cfg.task,
                       collate=Collator(tok), progress=progress)
+    trainer.claim_output(resume, overwrite)  # before anything is written into the folder
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    (cfg.output / "run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return trainer.train(resume=resume)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -200,9 +201,30 @@ class Trainer:
         return evaluate_dataset(self.dm.model, self.eval_data, self.collate, task=self.task,
                                 batch_size=self.cfg.batch_size, max_batches=self.cfg.eval_batches, bf16=self.cfg.bf16)
 
+    # -- the output folder ---------------------------------------------------------------------
+    RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png", "adapter_config.json", "adapter_model.safetensors")
+
+    def claim_output(self, resume: bool = False, overwrite: bool = False) -> None:
+        """Make ``output`` this run's. A fresh run (not ``resume``) refuses a folder holding an earlier run (its
+        checkpoints would be pruned among the new ones, and a later resume would continue the old run), unless
+        ``overwrite``, which removes that run's files (only those: ``RUN_FILES``)."""
+        if resume:
+            return
+        found = [n for n in self.RUN_FILES if (self.output / n).exists()]
+        if found and not overwrite:
+            raise FileExistsError(f"{self.output} already holds a training run ({', '.join(found)}); resume it "
+                                  f"(--resume) or start over (--overwrite removes {', '.join(found)})")
+        for n in found:
+            f = self.output / n
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
+
     # -- the loop ------------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> TrainResult:
+    def train(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
         cfg = self.cfg
+        self.claim_output(resume, overwrite)
         self.output.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "seconds": 0.0}
