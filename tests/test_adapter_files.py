@@ -246,10 +246,9 @@ def _listing(folder: Path) -> dict[str, bytes]:
 
 
 def _half_then_fail(real):
-    def write(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)
-        data = Path(filename).read_bytes()
-        Path(filename).write_bytes(data[: len(data) // 2])
+    """``Path.write_bytes`` on a disk that fills up halfway through the file."""
+    def write(self, data):
+        real(self, data[: len(data) // 2])
         raise OSError("No space left on device")
     return write
 
@@ -262,7 +261,7 @@ def test_failed_weight_write_keeps_the_previous_adapter(tmp_path, monkeypatch):
     want = save_lora(tmp_path)
     before = _listing(tmp_path)
     other = _second_adapter()
-    monkeypatch.setattr(adapter_io, "save_file", _half_then_fail(save_file))
+    monkeypatch.setattr(pathlib.Path, "write_bytes", _half_then_fail(pathlib.Path.write_bytes))
     with pytest.raises(OSError, match="No space left"):
         other.save(tmp_path)
     assert _listing(tmp_path) == before  # same names (no temp file left) and same bytes
@@ -273,7 +272,7 @@ def test_failed_weight_write_keeps_the_previous_adapter(tmp_path, monkeypatch):
 def test_failed_subfolder_write_leaves_no_half_adapter(tmp_path, monkeypatch):
     dm = _second_adapter()
     dm.add(dt.LoRAConfig(r=2, init="random", targets=["q_proj"]), "named")
-    monkeypatch.setattr(adapter_io, "save_file", _half_then_fail(save_file))
+    monkeypatch.setattr(pathlib.Path, "write_bytes", _half_then_fail(pathlib.Path.write_bytes))
     with pytest.raises(OSError):
         dm.save(tmp_path, names=["named"])
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -295,6 +294,50 @@ def test_failed_config_write_keeps_the_previous_adapter(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert _listing(tmp_path) == before
     assert torch.equal(out(dt.load_adapter(tiny_llama(), tmp_path)), want)
+
+
+def test_a_crash_between_the_two_renames_is_refused_at_load_not_served(tmp_path, monkeypatch):
+    """Saving over an adapter replaces two files; dying between the renames leaves new weights with the old config
+    (here the old alpha: outputs silently wrong). The two carry a save id each, so loading refuses the pair."""
+    save_lora(tmp_path)
+    other = dt.attach(tiny_llama(), dt.LoRAConfig(r=4, alpha=64, init="random", targets=ATTN))
+    real, renames = os.replace, []
+
+    def die_after_the_first(src, dst):
+        if renames:
+            raise KeyboardInterrupt("killed")
+        renames.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(adapter_io.os, "replace", die_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        other.save(tmp_path)
+    monkeypatch.undo()
+    assert [Path(p).name for p in renames] == ["adapter_model.safetensors"]  # the torn state
+    with pytest.raises(dt.AdapterFileError, match="two different saves") as err:
+        dt.load_adapter(tiny_llama(), tmp_path)
+    assert "adapter_model.safetensors" in str(err.value) and "adapter_config.json" in str(err.value)
+    other.save(tmp_path)  # saved again: whole
+    assert torch.equal(out(dt.load_adapter(tiny_llama(), tmp_path)), out(other))
+
+
+def test_a_new_adapter_folder_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    dm = dt.attach(tiny_llama(), dt.LoRAConfig(r=4, init="random", targets=ATTN))
+    monkeypatch.setattr(pathlib.Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        dm.save(tmp_path / "new")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary twin
+    dm.save(tmp_path / "new")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert torch.equal(out(dt.load_adapter(tiny_llama(), tmp_path / "new")), out(dm))
+
+
+def test_weights_rewritten_by_another_tool_still_load(tmp_path):
+    """A file without deltatune's save id (PEFT, a script with safetensors) is not questioned."""
+    save_lora(tmp_path)
+    _edit_weights(tmp_path, lambda t: t.update({k: v * 2 for k, v in t.items()}))
+    dt.load_adapter(tiny_llama(), tmp_path)
 
 
 def test_saving_over_an_adapter_replaces_it(tmp_path):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from ..core.config import DeltaConfig
@@ -50,7 +52,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def atomic_write_all(files: dict[Path, Callable[[Path], None]]) -> None:
-    """Write every file to a temporary name first, then rename them all into place.
+    """Write every file to a temporary name first (fsynced), then rename them all into place (folders fsynced).
 
     If any write fails, no file is replaced: the previous versions stay intact and no temp file remains.
     """
@@ -59,14 +61,65 @@ def atomic_write_all(files: dict[Path, Callable[[Path], None]]) -> None:
         for path, write in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             write(tmps[path])
-            with open(tmps[path], "rb+") as f:
-                os.fsync(f.fileno())
+            fsync(tmps[path])
         for path, tmp in tmps.items():
             os.replace(tmp, path)
+        for parent in {p.parent for p in files}:
+            fsync(parent)
     finally:
         for tmp in tmps.values():
             if tmp.exists():
                 tmp.unlink()
+
+
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (so a rename inside it survives a crash), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+SAVE_ID = "deltatune_save_id"  # in the weights' safetensors metadata and in the config's deltatune section
+
+
+def adapter_blob(tensors: dict[str, Tensor]) -> tuple[bytes, str]:
+    """The weights file's bytes, tagged with a fresh save id that :func:`write_adapter_folder` puts in the config."""
+    save_id = uuid.uuid4().hex
+    return save(tensors, metadata={"format": "pt", SAVE_ID: save_id}), save_id
+
+
+def write_adapter_folder(folder: Path, blob: bytes, save_id: str, config: dict[str, Any],
+                         extra: dict[str, str] | None = None) -> None:
+    """Write an adapter folder (weights from :func:`adapter_blob`, config, ``extra`` text files) crash-safely.
+
+    A new folder is assembled under a temporary name, fsynced, and renamed into place once. Over an existing
+    adapter the files are replaced one by one (each fsynced, then the folder); the config and the weights carry the
+    same save id, so the pair a crash between two renames would leave (new weights, old config) is refused at load
+    by name, never served. A weights file rewritten by another tool has no id and is not questioned.
+    """
+    config = {**config, "deltatune": {**config.get("deltatune", {}), "save_id": save_id}}
+    texts = {CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True), **(extra or {})}
+    if folder.exists():
+        atomic_write_all({folder / WEIGHTS_NAME: lambda f: f.write_bytes(blob),
+                          **{folder / n: (lambda f, t=t: f.write_text(t)) for n, t in texts.items()}})
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        (tmp / WEIGHTS_NAME).write_bytes(blob)
+        for n, t in texts.items():
+            (tmp / n).write_text(t)
+        for f in tmp.iterdir():
+            fsync(f)
+        fsync(tmp)
+        os.replace(tmp, folder)
+        fsync(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def exact_targets(model, paths: list[str]) -> str | list[str]:
@@ -112,9 +165,7 @@ def save_adapter(dm: DeltaModel, name: str, folder: Path) -> None:
                for p, d in deltas.items() for k, t in d.export_state().items()}
     shared = cfg.export_shared({p: d for p, d in deltas.items() if not d.replaces_base})
     tensors.update({k: t.detach().to("cpu").contiguous() for k, t in shared.items()})
-    text = json.dumps(config, indent=2, sort_keys=True)
-    atomic_write_all({folder / WEIGHTS_NAME: lambda f: save_file(tensors, str(f), metadata={"format": "pt"}),
-                      folder / CONFIG_NAME: lambda f: f.write_text(text)})
+    write_adapter_folder(folder, *adapter_blob(tensors), config)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -165,8 +216,14 @@ def read_weights(folder: Path, allow_pickle: bool = False, prefix: str = PREFIX)
     if file.is_file():
         try:
             tensors = load_file(str(file))
+            with safe_open(str(file), "pt") as f:
+                got = (f.metadata() or {}).get(SAVE_ID)
         except (SafetensorError, OSError, ValueError) as e:
             raise AdapterFileError(f"{file}: not a readable safetensors file ({e})") from None
+        want = _save_id(folder)
+        if got is not None and want is not None and got != want:
+            raise AdapterFileError(f"{file} and {folder / CONFIG_NAME} come from two different saves (an interrupted "
+                                   f"save?): save the adapter again")
     else:
         pickled = [folder / n for n in PICKLE_NAMES if (folder / n).is_file()]
         if not pickled:
@@ -194,6 +251,17 @@ def read_weights(folder: Path, allow_pickle: bool = False, prefix: str = PREFIX)
             continue
         out[k] = t
     return out
+
+
+def _save_id(folder: Path) -> str | None:
+    """The save id the folder's config records (None: not recorded, e.g. written by PEFT)."""
+    try:
+        data = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None  # read_config reports a missing or broken config, naming it
+    ours = data.get("deltatune") if isinstance(data, dict) else None
+    sid = ours.get("save_id") if isinstance(ours, dict) else None
+    return sid if isinstance(sid, str) else None
 
 
 def _decompress(folder: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:

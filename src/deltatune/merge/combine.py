@@ -49,19 +49,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..core.config import DeltaConfig
 from ..core.targeting import matches
-from ..io.adapter import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_write_all,
-    config_dict,
-    read_config,
-    read_weights,
-)
+from ..io.adapter import adapter_blob, config_dict, read_config, read_weights, write_adapter_folder
 from . import ops
 from .combine_lora import LORA_KEYS, average, combine_lora, work
 
@@ -319,11 +311,8 @@ def _write(out: Path, cfg: DeltaConfig, state: dict[str, Tensor], report: dict, 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        atomic_write_all({
-            tmp / WEIGHTS_NAME: lambda f: save_file(tensors, str(f), metadata={"format": "pt"}),
-            tmp / CONFIG_NAME: lambda f: f.write_text(json.dumps(config, indent=2, sort_keys=True)),
-            tmp / REPORT_NAME: lambda f: f.write_text(json.dumps(report, indent=2, default=str)),
-        })
+        write_adapter_folder(tmp, *adapter_blob(tensors), config,
+                             {REPORT_NAME: json.dumps(report, indent=2, default=str)})
         if out.is_dir() and any(out.iterdir()):
             _check_out(out, overwrite)
             out.rename(old)

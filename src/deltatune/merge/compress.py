@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import Tensor, nn
 
 from ..io.adapter import (
@@ -50,9 +49,10 @@ from ..io.adapter import (
     FORMAT_VERSION,
     WEIGHTS_NAME,
     AdapterFileError,
-    atomic_write_all,
+    adapter_blob,
     read_config,
     read_weights,
+    write_adapter_folder,
 )
 from ..methods.lora import LoRAConfig
 from .extract import truncate_lora
@@ -286,11 +286,9 @@ def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, meth
         data["compression"] = entry
         data["peft_type"] = COMPRESSED_PEFT_TYPE
     before = (src / WEIGHTS_NAME).stat().st_size
-    blob = save(stored, metadata={"format": "pt"})  # adapters are small: serialise once, measure, then write
+    blob, save_id = adapter_blob(stored)  # adapters are small: serialise once, measure, then write
     report.update({"bytes_before": before, "bytes_after": len(blob), "size_ratio": len(blob) / before})
-    text, report_text = json.dumps(data, indent=2, sort_keys=True), json.dumps(report, indent=2)
-    atomic_write_all({dst / WEIGHTS_NAME: lambda f: f.write_bytes(blob), dst / CONFIG_NAME: lambda f: f.write_text(text),
-                      dst / REPORT_NAME: lambda f: f.write_text(report_text)})
+    write_adapter_folder(dst, blob, save_id, data, {REPORT_NAME: json.dumps(report, indent=2)})
     return report
 
 

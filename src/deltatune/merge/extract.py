@@ -31,12 +31,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, TargetSpec
 from ..core.targeting import ALL_LINEAR, is_linear, select
-from ..io.adapter import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, atomic_write_all, exact_targets
+from ..io.adapter import FORMAT_VERSION, WEIGHTS_NAME, adapter_blob, exact_targets, write_adapter_folder
 from ..methods.lora import LoRAConfig
 
 REPORT_NAME = "extract_report.json"
@@ -208,12 +207,9 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
         "unrepresented_rel_norm": math.sqrt(missed_sq / total_sq) if total_sq else 0.0,
     }
     folder = Path(out)
-    blob = save(tensors, metadata={"format": "pt"})
+    blob, save_id = adapter_blob(tensors)
     report["adapter_bytes"] = len(blob)
-    config_text, report_text = json.dumps(config, indent=2, sort_keys=True), json.dumps(report, indent=2)
-    atomic_write_all({folder / WEIGHTS_NAME: lambda f: f.write_bytes(blob),
-                      folder / CONFIG_NAME: lambda f: f.write_text(config_text),
-                      folder / REPORT_NAME: lambda f: f.write_text(report_text)})
+    write_adapter_folder(folder, blob, save_id, config, {REPORT_NAME: json.dumps(report, indent=2)})
     return report
 
 
