@@ -397,6 +397,108 @@ def test_non_empty_out_needs_force(zoo, tmp_path):
         merge(recipe, zoo["ft0"], force=True)
 
 
+# -- faults: nothing an input or a recipe holds makes a merge delete an input or write a bad model -------------------
+def test_out_may_not_be_an_adapter_input_even_with_force(zoo, tmp_path):
+    dm = dt.attach(_llama(0), dt.LoRAConfig(r=2, init="random"))
+    adapter = tmp_path / "adapter"
+    dm.save(adapter)
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    recipe = {"method": "linear", "models": [{"model": f"{zoo['ft0']}+{adapter}", "weight": 1}]}
+    for out in (adapter, tmp_path, adapter / "inside"):  # the adapter itself, a folder around it, one inside it
+        with pytest.raises(ValueError, match="would replace the input"):
+            merge(recipe, out, force=True)
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+
+
+def test_a_float16_overflow_is_refused_naming_the_tensor_and_nothing_is_written(zoo, tmp_path):
+    big = _llama(0)
+    with torch.no_grad():
+        big.model.layers[2].mlp.up_proj.weight.fill_(40000.0)  # finite in float32, x2 overflows float16
+    src = _save(big, tmp_path / "big")
+    out = tmp_path / "out"
+    recipe = {"method": "linear", "dtype": "float16", "parameters": {"normalize": False},
+              "models": [{"model": str(src), "weight": 1.0}, {"model": str(src), "weight": 1.0}]}
+    with pytest.raises(dt.MergeError, match=r"model\.layers\.2\.mlp\.up_proj\.weight.*float32 or bfloat16"):
+        merge(recipe, out)
+    _no_output(out)
+
+
+def test_an_inf_weight_in_a_recipe_is_refused_before_reading_tensors(zoo, tmp_path):
+    recipe = {"method": "linear", "models": [{"model": str(zoo["ft0"]), "weight": float("inf")},
+                                             {"model": str(zoo["ft2"]), "weight": 1.0}]}
+    with pytest.raises(ValueError, match="inf or NaN"):
+        merge(recipe, tmp_path / "out")
+    _no_output(tmp_path / "out")
+
+
+def test_an_index_naming_a_shard_outside_the_model_folder_is_refused(zoo, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(zoo["ft1"], model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    secret = tmp_path / "secret.safetensors"
+    shutil.copy(model / index["weight_map"][first], secret)
+    index["weight_map"][first] = "../secret.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside the model folder"):
+        Checkpoint(model)
+
+
+def test_a_truncated_shard_is_found_before_the_merge_starts(zoo, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(zoo["ft1"], model)
+    shard = sorted(model.glob("model-*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"{shard.name}: truncated"):
+        merge({"method": "linear", "models": [{"model": str(zoo["ft0"]), "weight": 0.5},
+                                               {"model": str(model), "weight": 0.5}]}, out)
+    _no_output(out)
+
+
+def test_a_disk_too_small_is_refused_up_front(zoo, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "out"
+    with pytest.raises(dt.MergeError, match="GiB free"):
+        merge({"method": "linear", "models": [{"model": str(zoo["ft0"]), "weight": 1}]}, out)
+    _no_output(out)
+    result = CliRunner().invoke(app, ["merge", "--quiet", str(_recipe_file(tmp_path, zoo)), "--out", str(out)])
+    assert result.exit_code == 2 and "GiBfree" in "".join(result.output.split())  # a message, not a traceback
+
+
+def test_a_disk_that_fills_up_mid_merge_fails_cleanly_and_leaves_nothing(zoo, tmp_path, monkeypatch):
+    from deltatune.merge import checkpoint
+
+    real, calls = checkpoint.ShardWriter.write, []
+
+    def full_disk(self, name, tensor):
+        calls.append(name)
+        if len(calls) > 3:
+            raise OSError(28, "No space left on device")
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "write", full_disk)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["merge", "--quiet", str(_recipe_file(tmp_path, zoo)), "--out", str(out)])
+    assert result.exit_code == 2 and "No space left on device" in result.output and "Traceback" not in result.output
+    _no_output(out)
+
+
+def _recipe_file(tmp_path: Path, zoo) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"method": "linear", "models": [{"model": str(zoo["ft0"]), "weight": 1}]}))
+    return path
+
+
 # -- command line ---------------------------------------------------------------------------------
 def test_cli_merge_prints_a_json_summary_and_fails_cleanly(zoo, tmp_path):
     recipe = {"method": "ties", "base": str(zoo["base"]), "out": str(tmp_path / "out"), "dtype": "bfloat16",

@@ -288,7 +288,7 @@ def merge_checkpoints(
             task = bar.add_task("merging", total=None)
             result = merge(recipe, out, force=force, allow_pickle=allow_pickle,
                            progress=lambda i, n, name: bar.update(task, completed=i, total=n))
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, MergeError) as e:
+    except (ValueError, OSError, KeyError, MergeError) as e:  # OSError: a full disk, a file gone (nothing is left)
         _fail(e)
     print(json.dumps(result.summary()))
 

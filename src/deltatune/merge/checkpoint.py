@@ -63,15 +63,25 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    out = {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: the header is not a JSON object; not a safetensors file?")
+    out, end = {}, 0
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         try:
-            out[name] = TensorInfo(file, ST_DTYPES[meta["dtype"]], tuple(int(x) for x in meta["shape"]))
+            info = TensorInfo(file, ST_DTYPES[meta["dtype"]], tuple(int(x) for x in meta["shape"]))
+            start, stop = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{file}: tensor {name!r} has an unsupported or malformed header entry "
                                   f"{meta}") from None
+        if stop - start != info.nbytes or start < 0:
+            raise CheckpointError(f"{file}: tensor {name!r} spans bytes {start}..{stop}, but its shape and dtype "
+                                  f"need {info.nbytes}")
+        out[name], end = info, max(end, stop)
+    size = file.stat().st_size
+    if 8 + n + end > size:  # a truncated copy or download: found now, not halfway through a merge
+        raise CheckpointError(f"{file}: truncated: its header describes {8 + n + end} bytes, the file has {size}")
     return out
 
 
@@ -106,6 +116,10 @@ class Checkpoint:
                 files = sorted({folder / v for v in wm.values()})
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: not a valid index ({e!r})") from None
+            root = folder.resolve()
+            outside = [str(f) for f in files if root not in f.resolve().parents]
+            if outside:  # "../../secret.safetensors" or an absolute path: an index only names shards beside it
+                raise CheckpointError(f"{index}: names shard files outside the model folder: {outside[:3]}")
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index}: lists shard files that do not exist: {missing}")

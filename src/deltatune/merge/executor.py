@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.delta import MergeError
 from . import ops
 from .adapted import AdapterOnRead
 from .checkpoint import INDEX, SINGLE, Checkpoint, ShardWriter, TensorInfo, shard_plan
@@ -163,9 +164,12 @@ def _plan(recipe: Recipe, spec: ops.OpSpec, ref: Input) -> list[_Item]:
             shape = (2,) * max(1, len(info.shape))
             xs = [torch.randn(shape, generator=g) for _ in range(n + 1)]
             try:
-                ops.apply(spec.name, xs[1:], xs[0] if spec.needs_base else None, seed=0, **params)
+                probe = ops.apply(spec.name, xs[1:], xs[0] if spec.needs_base else None, seed=0, **params)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{spec.name} at tensor {name!r} with {params}: {e}") from None
+            if not torch.isfinite(probe).all():
+                raise ValueError(f"{spec.name} at tensor {name!r} with {params}: gives inf or NaN on finite "
+                                 f"inputs; check the parameters (an inf weight?)")
         items.append(_Item(name, info.shape, dtype or info.dtype, params))
     return items
 
@@ -187,12 +191,28 @@ def _open_all(refs: list[ModelRef], allow_pickle: bool) -> list[Input]:
 
 
 def _check_out(out: Path, force: bool, inputs: list[Input]) -> None:
+    """``out`` must not overlap any input (a checkpoint or an adapter folder: the same, inside, or around it):
+    replacing it, even with --force, would delete what the merge reads."""
+    target = out.resolve()
     for inp in inputs:
-        folder = inp.ckpt.folder.resolve()
-        if folder == out.resolve() or out.resolve() in folder.parents:
-            raise ValueError(f"out {out} would replace the input {inp.ref}; choose another folder")
+        for folder in [inp.ckpt.folder] + ([Path(inp.ref.adapter)] if inp.ref.adapter else []):
+            folder = folder.resolve()
+            if folder == target or target in folder.parents or folder in target.parents:
+                raise ValueError(f"out {out} would replace the input {folder} (of {inp.ref}) or overlap it; the "
+                                 f"output must be a folder of its own: choose another one")
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
+
+
+def _check_space(out: Path, nbytes: int) -> None:
+    """Refuse up front when the disk holding ``out`` has less room than the merged tensors need."""
+    where = out.resolve()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < nbytes:
+        raise MergeError(f"the merged model needs {nbytes / 2**30:.2f} GiB, but the disk holding {where} has "
+                         f"{free / 2**30:.2f} GiB free; free some space or choose another output folder")
 
 
 def merge(recipe: Recipe | str | Path | dict, out: str | Path | None = None, *, force: bool = False,
@@ -219,6 +239,7 @@ def merge(recipe: Recipe | str | Path | dict, out: str | Path | None = None, *, 
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
         raise MergeInputError("the inputs do not fit together:\n  " + "\n  ".join(shown))
     items = _plan(recipe, spec, ref)
+    _check_space(out, sum(_nbytes(i.shape, i.dtype) for i in items))
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
@@ -316,8 +337,13 @@ def _merge_one(it: _Item, rows: tuple[int, int] | None, recipe: Recipe, spec: op
     seed = None
     if spec.random:
         seed = (recipe.seed + zlib.crc32(f"{it.name}:{rows[0] if rows else 0}".encode())) % 2**63
-    merged = ops.apply(spec.name, tensors, b, seed=seed, **it.params)
-    return merged.to(it.dtype)
+    merged = ops.apply(spec.name, tensors, b, seed=seed, **it.params).to(it.dtype)
+    if not torch.isfinite(merged).all():
+        where = f" (rows {rows[0]}..{rows[1]})" if rows else ""
+        hint = (f"; {it.dtype} overflows: merge to float32 or bfloat16 (dtype: in the recipe)"
+                if it.dtype == torch.float16 else "; check the inputs and the recipe's parameters")
+        raise MergeError(f"merged tensor {it.name!r}{where} holds inf or NaN values{hint}; nothing was written")
+    return merged
 
 
 def _copy_files(src: Path, dst: Path, dtype: str | None) -> None:
