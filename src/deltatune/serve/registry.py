@@ -82,9 +82,10 @@ class AdapterRegistry:
     # -- names and files ---------------------------------------------------------------------------
     def folder(self, name: str) -> Path:
         """The adapter folder ``name`` names, checked to stay inside the directory; raises AdapterError."""
-        if not isinstance(name, str) or not NAME.match(name) or ".." in name or name == ".":
-            raise AdapterError(f"invalid adapter name {name!r}: use letters, digits, '_', '-' and '.', without '..'",
-                               code="invalid_adapter_name")
+        if not isinstance(name, str) or not NAME.match(name) or ".." in name or name == "." or len(name) > 128:
+            shown = name if not isinstance(name, str) or len(name) <= 140 else name[:120] + "..."
+            raise AdapterError(f"invalid adapter name {shown!r}: use up to 128 letters, digits, '_', '-' and '.', "
+                               f"without '..'", code="invalid_adapter_name")
         path = (self.root / name).resolve()
         if not self._inside(path) or path == self.root:
             raise AdapterError(f"adapter {name!r} resolves outside the adapters directory", status=403,
