@@ -38,6 +38,13 @@ loop), ``POST /v1/chat/completions`` with a short prompt, ``temperature 0``, ``m
 Writes the ``serve-server`` section of ``benchmarks/RESULTS.md``.
 
     python benchmarks/serve.py --part server [--quick] [--no-write]
+
+``--part faults``: 8 clients streaming over 8 adapters while a ninth sends bad requests back to back (sampling
+edge cases, out-of-range seeds, broken JSON, hostile and broken adapters, NaN weights, cross-site posts): the good
+requests' p50/p95 latency with and without the fault stream (goal: within 10%), and the bad requests' answers by
+class (goal: no 5xx, no request left unanswered). Writes the ``serve-faults`` section of RESULTS.md.
+
+    python benchmarks/serve.py --part faults [--quick] [--no-write]
 """
 
 from __future__ import annotations
@@ -480,8 +487,181 @@ def part_server(args: argparse.Namespace, log: Log) -> None:
     log("wrote the serve-server section of benchmarks/RESULTS.md")
 
 
+# -- faults: good traffic while a ninth client sends bad requests ----------------------------------------------
+FAULT_CLIENTS, FAULT_SECONDS, FAULT_ADAPTERS = 8, 60, 8
+
+
+def bad_requests(url_model: str) -> list[tuple[str, dict, bytes]]:
+    """(path, headers, body) of requests a server must refuse alone: the issue's cases and more of the kind."""
+    json_h = {"content-type": "application/json"}
+
+    def body(**kw) -> bytes:
+        import json
+
+        return json.dumps({"model": url_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                           **kw}).encode()
+
+    chat, comp, load = "/v1/chat/completions", "/v1/completions", "/v1/adapters/load"
+    return [
+        (chat, json_h, body(temperature=1e-300, seed=7)),  # valid: near-greedy sampling (200)
+        (chat, json_h, body(temperature=0.7, seed=2**70)),  # seed outside the generator's range
+        (chat, json_h, body(top_p=0)), (chat, json_h, body(temperature=-1)), (chat, json_h, body(max_tokens=10**9)),
+        (chat, json_h, body(stop=["x" * 1000])), (chat, json_h, body(n=3)), (chat, json_h, body(logit_bias={"1": 5})),
+        (chat, json_h, b'{"model": "smollm2", "messages": ' + b"[" * 5000), (chat, json_h, b"{not json"),
+        (chat, json_h, b"[]"), (comp, json_h, b'{"model": "smollm2", "prompt": [99999999]}'),
+        (comp, json_h, b'{"model": "smollm2:' + b"a" * 400 + b'", "prompt": "hi"}'),
+        (comp, json_h, b'{"model": "smollm2:../../etc", "prompt": "hi"}'),
+        (comp, json_h, b'{"model": "smollm2:broken", "prompt": "hi"}'),  # adapter_config.json is []
+        (load, json_h, b'{"name": "broken"}'), (load, json_h, b'{"name": "nan"}'),  # NaN weights
+        (comp, json_h, b'{"model": "smollm2", "prompt": "' + b"word " * 5000 + b'"}'),  # over the 4096-token limit
+        (chat, {"content-type": "text/plain", "origin": "https://evil.example"}, body()),  # a web page
+        (chat, {"content-type": "text/plain"}, body()),
+        (comp, json_h, b'{"model": "gpt-4", "prompt": "hi"}'),
+    ]
+
+
+async def _fault_stream(url: str, stop: asyncio.Event, counts: dict[str, int], firsts: dict[str, str]) -> None:
+    import httpx
+
+    reqs = bad_requests("smollm2")
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        i = 0
+        while not stop.is_set():
+            path, headers, raw = reqs[i % len(reqs)]
+            i += 1
+            try:
+                r = await c.post(path, content=raw, headers=headers)
+                kind = f"{r.status_code // 100}xx"
+                if r.status_code >= 500:
+                    firsts.setdefault("5xx", f"{path} {raw[:120]!r}: {r.status_code} {r.text[:200]}")
+            except httpx.TimeoutException:
+                kind = "no answer in 30 s"
+            counts[kind] = counts.get(kind, 0) + 1
+
+
+async def _good_for(url: str, seconds: float, faults: bool) -> dict:
+    """FAULT_CLIENTS closed-loop streaming clients for ``seconds``; with ``faults``, a ninth sends bad requests."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    counts: dict[str, int] = {}
+    firsts: dict[str, str] = {}
+    stop = asyncio.Event()
+    deadline = time.perf_counter() + seconds
+
+    async def client(k: int, c: httpx.AsyncClient) -> None:
+        i = k
+        while time.perf_counter() < deadline:
+            body = {"model": f"smollm2:a{i % FAULT_ADAPTERS}", "max_tokens": SERVE_TOKENS, "temperature": 0,
+                    "ignore_eos": True, "stream": True,
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+            i += FAULT_CLIENTS
+            t = time.perf_counter()
+            try:
+                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    lines = [x async for x in r.aiter_lines() if x]
+                ok = r.status_code == 200 and lines[-1] == "data: [DONE]"
+            except httpx.HTTPError as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
+            if ok:
+                latencies.append(time.perf_counter() - t)
+            else:
+                errors.append(f"{r.status_code}: {lines[-1][:200] if lines else ''}")
+
+    async with httpx.AsyncClient(base_url=url, timeout=600,
+                                 limits=httpx.Limits(max_connections=FAULT_CLIENTS + 2)) as c:
+        tasks = [asyncio.create_task(client(k, c)) for k in range(FAULT_CLIENTS)]
+        fault = asyncio.create_task(_fault_stream(url, stop, counts, firsts)) if faults else None
+        await asyncio.gather(*tasks)
+        stop.set()
+        if fault is not None:
+            await fault
+    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    return {"good": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else "",
+            "p50_s": statistics.median(latencies), "p95_s": q[18], "fault_counts": counts, "first_5xx": firsts}
+
+
+def _broken_adapters(folder: Path) -> None:
+    """Two adapters a server must refuse: a config that is a JSON list, and NaN weights."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder / "a0", folder / "broken")
+    (folder / "broken" / "adapter_config.json").write_text("[]")
+    shutil.copytree(folder / "a0", folder / "nan")
+    w = load_file(str(folder / "nan" / "adapter_model.safetensors"))
+    first = sorted(w)[0]
+    w[first] = w[first].clone()
+    w[first].view(-1)[0] = float("nan")
+    save_file(w, str(folder / "nan" / "adapter_model.safetensors"))
+    json.loads((folder / "nan" / "adapter_config.json").read_text())  # still a good config
+
+
+def part_faults(args: argparse.Namespace, log: Log) -> None:
+    setup(threads=SERVER_THREADS)
+    seconds = 10 if args.quick else FAULT_SECONDS
+    tmp = Path(tempfile.mkdtemp(prefix="dt-serve-faults-"))
+    try:
+        make_adapters(tmp, FAULT_ADAPTERS, log)
+        _broken_adapters(tmp)
+        names = [f"a{i}" for i in range(FAULT_ADAPTERS)]
+        with ServerProcess(tmp, FAULT_ADAPTERS + 2, preload=names) as srv:
+            asyncio.run(_good_for(srv.url, 5, faults=False))  # warm-up
+            runs = {}
+            for faults in (False, True, False, True):  # interleaved: drift on the machine hits both alike
+                res = asyncio.run(_good_for(srv.url, seconds / 2, faults=faults))
+                log(f"{'with' if faults else 'without'} faults: {res['good']} good, p50 {res['p50_s']:.3f} s, "
+                    f"p95 {res['p95_s']:.3f} s, {res['errors']} errors, faults answered {res['fault_counts']}")
+                runs.setdefault(faults, []).append(res)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def pooled(rs: list[dict]) -> dict:
+        return {"good": sum(r["good"] for r in rs), "errors": sum(r["errors"] for r in rs),
+                "p50_s": statistics.mean(r["p50_s"] for r in rs), "p95_s": statistics.mean(r["p95_s"] for r in rs)}
+
+    base, hit = pooled(runs[False]), pooled(runs[True])
+    counts: dict[str, int] = {}
+    for r in runs[True]:
+        for k, v in r["fault_counts"].items():
+            counts[k] = counts.get(k, 0) + v
+    first_5xx = next((r["first_5xx"]["5xx"] for r in runs[True] if r["first_5xx"]), "")
+    head = ["traffic", "good requests", "good errors", "p50 (s)", "p95 (s)", "bad requests: 2xx / 4xx / 5xx / no answer"]
+    rows = [("8 streaming clients", base["good"], base["errors"], base["p50_s"], base["p95_s"], "-"),
+            ("8 streaming clients + 1 sending bad requests", hit["good"], hit["errors"], hit["p50_s"], hit["p95_s"],
+             f"{counts.get('2xx', 0)} / {counts.get('4xx', 0)} / {counts.get('5xx', 0)} / "
+             f"{counts.get('no answer in 30 s', 0)}")]
+    ratio50, ratio95 = hit["p50_s"] / base["p50_s"], hit["p95_s"] / base["p95_s"]
+    print(text_table(head, rows))
+    verdict = (f"p50 {ratio50:.2f}x, p95 {ratio95:.2f}x the fault-free run (goal <= 1.10x); "
+               f"{counts.get('5xx', 0)} 5xx (goal 0){'; first: ' + first_5xx if first_5xx else ''}")
+    log(verdict)
+    if args.no_write or args.quick:
+        log("not writing RESULTS.md (--no-write or --quick)")
+        return
+    info = machine_info()
+    body = "\n\n".join([
+        "## Serving: faults (`benchmarks/serve.py --part faults`)",
+        f"SmolLM2-135M-Instruct (float32, CPU), `deltatune serve` in its own process (OMP_NUM_THREADS="
+        f"{SERVER_THREADS}, --max-batch {MAX_BATCH}), {FAULT_ADAPTERS} LoRA adapters r={SERVE_R} preloaded. "
+        f"{FAULT_CLIENTS} closed-loop clients stream `POST /v1/chat/completions` (greedy, max_tokens={SERVE_TOKENS}, "
+        f"`ignore_eos`) over the adapters; in the fault runs a ninth client sends, back to back, {len(bad_requests('m'))} "
+        f"kinds of bad request (sampling edge cases, seeds out of range, nested or broken JSON, unknown, hostile and "
+        f"broken adapters, NaN weights, over-long prompts, cross-site text/plain). Four runs of {seconds / 2:.0f} s, "
+        f"without and with faults interleaved; latencies are the mean of the two runs of each kind.",
+        markdown_table(head, rows),
+        verdict + ".",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+    ])
+    write_section("serve-faults", body)
+    log("wrote the serve-faults section of benchmarks/RESULTS.md")
+
+
 PARTS: dict[str, Callable[[argparse.Namespace, Log], None]] = {
-    "routing": part_routing, "decode": part_decode, "server": part_server}
+    "routing": part_routing, "decode": part_decode, "server": part_server, "faults": part_faults}
 
 
 def main() -> None:
