@@ -8,6 +8,7 @@ the KV cache argument (``core/kv.py``).
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -76,8 +77,6 @@ def environment() -> dict[str, str]:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

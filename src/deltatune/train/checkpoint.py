@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io.adapter import atomic_write, save_adapter
+from ..io.adapter import atomic_write, fsync, save_adapter
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -70,12 +70,12 @@ def save_checkpoint(folder: Path, dm, adapter: str, opt, sched, trainer_state: d
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     atomic_write(tmp / STATE_FILE, lambda f: f.write_text(json.dumps(trainer_state, indent=2)))
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync(f)
+    fsync(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
-    _fsync(folder.parent)
+    fsync(folder.parent)
     return folder
 
 
@@ -85,15 +85,6 @@ def _sha256(file: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's entries to the disk (a folder: so a rename inside it survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def damage(folder: Path) -> str | None:
