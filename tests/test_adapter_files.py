@@ -198,6 +198,10 @@ BAD = {
                    {}, dt.AdapterFileError, ["adapter_model.safetensors", f"{Q0}.lora_A.weight", "NaN or inf"]),
     "inf-weight": (lambda f: _edit_weights(f, lambda t: t[f"{Q0}.lora_B.weight"].view(-1).__setitem__(0, float("inf"))),
                    {}, dt.AdapterFileError, ["adapter_model.safetensors", f"{Q0}.lora_B.weight", "NaN or inf"]),
+    "huge-r": (lambda f: _edit_config(f, _set("deltatune", "r", 10**9)), {}, dt.AdapterFileError,
+               ["adapter_config.json", "MiB of parameters", "do not describe these weights"]),
+    "huge-r-peft": (lambda f: _edit_config(f, lambda d: (d.pop("deltatune"), d.update(r=10**9))), {},
+                    dt.AdapterFileError, ["adapter_config.json", "MiB of parameters"]),
     "missing-key": (lambda f: _edit_weights(f, lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")),
                     {}, dt.AdapterFileError, ["model.layers.1.self_attn.v_proj", "lora_B.weight"]),
 }

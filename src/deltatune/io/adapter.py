@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..core.config import DeltaConfig
 from ..core.registry import available_methods, config_class
-from ..core.targeting import iter_modules, matches
+from ..core.targeting import iter_modules, matches, select
 
 if TYPE_CHECKING:
     from ..core.model import DeltaModel
@@ -253,6 +253,24 @@ def read_weights(folder: Path, allow_pickle: bool = False, prefix: str = PREFIX)
     return out
 
 
+def _check_size(dm: DeltaModel, cfg: DeltaConfig, state: dict[str, Tensor], folder: Path) -> None:
+    """Refuse, before anything is allocated, a config whose deltas would need far more memory than its file holds
+    (``r: 1000000000`` beside small weights): the deltas are first built on the meta device, which costs nothing.
+    A method whose construction needs real tensors skips this check (its shapes are checked on import)."""
+    try:
+        sel = select(dm.model, cfg.for_model(dm.model), cfg.supports, cfg.default_targets)
+        with torch.device("meta"):
+            made = cfg.make_deltas(sel.modules)
+        need = sum(p.numel() * 4 for d in made.values() for p in d.parameters())  # float32 at most
+    except Exception:  # noqa: BLE001 - the real build reports anything wrong
+        return
+    have = sum(t.numel() * t.element_size() for t in state.values())
+    if need > 4 * have + (16 << 20):
+        raise AdapterFileError(f"{folder / CONFIG_NAME}: this {cfg.type} config needs {need / 2**20:.0f} MiB of "
+                               f"parameters, but {WEIGHTS_NAME} holds {have / 2**20:.1f} MiB: the config's sizes "
+                               f"(r, ...) do not describe these weights")
+
+
 def _save_id(folder: Path) -> str | None:
     """The save id the folder's config records (None: not recorded, e.g. written by PEFT)."""
     try:
@@ -285,6 +303,7 @@ def load_adapter_into(dm: DeltaModel, path: str | os.PathLike, name: str | None 
     if cfg.modules_to_save:  # PEFT lists candidates (e.g. "classifier", "score"); absent ones mean nothing
         present = [m for m in cfg.modules_to_save if any(n and matches([m], n) for n, _ in iter_modules(dm.model))]
         cfg = cfg.model_copy(update={"modules_to_save": present or None})
+    _check_size(dm, cfg, state, folder)
     try:
         dm.add(cfg, name, trainable=trainable, state=state)
     except (KeyError, ValueError) as e:
