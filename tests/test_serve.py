@@ -416,6 +416,24 @@ def test_tokenising_a_prompt_does_not_stall_the_event_loop(world):
         assert result["r"].status_code == 200
 
 
+def test_a_loopback_server_answers_only_to_its_own_host_names(world):
+    """DNS rebinding: a page on evil.example re-points its name at 127.0.0.1; its requests (GETs included, which
+    carry no Origin) then say 'Host: evil.example'. A loopback server answers only to its own names."""
+    from deltatune.serve.server import loopback_limits
+
+    limits = loopback_limits("127.0.0.1", Limits(max_tokens=8))
+    assert set(limits.allowed_hosts) == {"localhost", "127.0.0.1", "::1"} and limits.max_tokens == 8
+    assert loopback_limits("0.0.0.0", None).allowed_hosts is None  # reachable by name from elsewhere: no list
+    assert loopback_limits("127.0.0.1", Limits(allowed_hosts=("box",))).allowed_hosts == ("box",)
+    with _server(world, limits=limits) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        for path in ("/health", "/v1/models", "/metrics"):
+            r = client.get(path, headers={"host": f"evil.example:{server.port}"})
+            assert r.status_code == 403 and "evil.example" in r.json()["error"]["message"], path
+        assert client.get("/health").status_code == 200  # Host: 127.0.0.1:PORT
+        for name in ("localhost", "LOCALHOST", "[::1]"):
+            assert client.get("/health", headers={"host": f"{name}:{server.port}"}).status_code == 200, name
+
+
 # -- batching ---------------------------------------------------------------------------------------
 def test_sampling_faults_answer_their_request_alone_and_leak_nothing(world, ref):
     """A seed outside the generator's range is refused at the schema; a vanishing temperature is valid (it samples

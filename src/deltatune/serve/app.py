@@ -43,6 +43,8 @@ class Limits:
     ``allowed_origins``: browser origins (``https://app.example``) allowed to call the server. A request carrying
     any other ``Origin`` header is refused (403): a web page the user visits must not drive a server on their
     machine (``text/plain`` POSTs need no CORS preflight). Non-browser clients send no ``Origin``.
+    ``allowed_hosts``: the names a request's ``Host`` header may give (403 otherwise): a loopback server answers
+    only to its own names, so a page whose domain was re-pointed at 127.0.0.1 (DNS rebinding) cannot read it.
     """
 
     max_prompt_tokens: int = 4096
@@ -50,14 +52,24 @@ class Limits:
     max_body_bytes: int = 1 << 20
     allowed_origins: tuple[str, ...] = ()
     max_waiting: int = 64  # requests waiting for a place in the batch; beyond, 429 with Retry-After
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names served (None: any); loopback servers set theirs
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8000`` -> ``::1``, ``localhost:8000`` -> ``localhost``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class _Limited:
     """ASGI middleware, before any handler: refuses a browser ``Origin`` not allowed (403), reads the body up front
     and answers 413 beyond ``limit`` bytes, refuses a POST body that is not declared JSON (415); counts requests."""
 
-    def __init__(self, app, limit: int, metrics, origins: tuple[str, ...] = ()):
+    def __init__(self, app, limit: int, metrics, origins: tuple[str, ...] = (), hosts: tuple[str, ...] | None = None):
         self.app, self.limit, self.metrics, self.origins = app, limit, metrics, set(origins)
+        self.hosts = None if hosts is None else {h.lower() for h in hosts}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -72,6 +84,13 @@ class _Limited:
 
         try:
             headers = dict(scope["headers"])
+            host = _hostname(headers.get(b"host", b"").decode("latin-1"))
+            if self.hosts is not None and host not in self.hosts:
+                err = APIError(403, f"this server does not answer to the host name {host!r} (a page whose domain "
+                                    f"points at this machine?); it answers to {sorted(self.hosts)}",
+                               code="host_not_allowed")
+                await JSONResponse(err.body(), status_code=403)(scope, receive, counted_send)
+                return
             origin = headers.get(b"origin", b"").decode("latin-1")
             if origin and origin not in self.origins:
                 err = APIError(403, f"requests from the web page {origin} are refused (a page a user visits must not "
@@ -150,7 +169,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="deltatune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Limited, limit=limits.max_body_bytes, metrics=metrics, origins=limits.allowed_origins)
+    app.add_middleware(_Limited, limit=limits.max_body_bytes, metrics=metrics, origins=limits.allowed_origins,
+                       hosts=limits.allowed_hosts)
 
     @app.exception_handler(APIError)
     async def _api_error(_request, e: APIError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -64,9 +65,19 @@ def serve(model: str, adapters: str | os.PathLike, *, host: str = "127.0.0.1", p
     if api_key is None and not _loopback(host):
         warnings.warn(f"serving on {host} without an API key: anyone who can reach it can use it and load or "
                       f"unload adapters (set --api-key or {API_KEY_ENV})", stacklevel=2)
+    kwargs["limits"] = loopback_limits(host, kwargs.get("limits"))
     m, tok = load_pretrained(model, task="causal-lm")
     app = build_app(m, tok, adapters, model_name=model_name or served_name(model), api_key=api_key, **kwargs)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def loopback_limits(host: str, limits: Limits | None) -> Limits:
+    """A server bound to a loopback address answers only to its own names (against DNS rebinding), unless the
+    limits already name the hosts it serves."""
+    limits = limits or Limits()
+    if limits.allowed_hosts is None and _loopback(host):
+        limits = dataclasses.replace(limits, allowed_hosts=("localhost", "127.0.0.1", "::1", host))
+    return limits
 
 
 def _loopback(host: str) -> bool:
