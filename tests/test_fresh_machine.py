@@ -65,8 +65,8 @@ def test_a_missing_weight_file_names_it(fake_package):
 
 def test_a_verified_file_is_hashed_once_until_it_changes(fake_package, monkeypatch):
     calls = []
-    real = hashlib.sha256
-    monkeypatch.setattr(models.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    real = models.file_sha256
+    monkeypatch.setattr(models, "file_sha256", lambda f: calls.append(1) or real(f))
     embedded_path("smollm2-135m")
     embedded_path("smollm2-135m")
     assert len(calls) <= 1  # 0 when an earlier test already verified this exact file state

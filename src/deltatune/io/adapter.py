@@ -11,6 +11,7 @@ caller explicitly allows pickle files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -79,6 +80,15 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB pieces (a model file never sits in memory whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 SAVE_ID = "deltatune_save_id"  # in the weights' safetensors metadata and in the config's deltatune section

@@ -10,7 +10,6 @@ to safetensors, everything else to JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io.adapter import atomic_write, fsync, save_adapter
+from ..io.adapter import atomic_write, file_sha256, fsync, save_adapter
 
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
@@ -66,7 +65,7 @@ def save_checkpoint(folder: Path, dm, adapter: str, opt, sched, trainer_state: d
              "python_rng": [pystate[0], list(pystate[1]), pystate[2]]}
     (tmp / "extra_state.json").write_text(json.dumps(extra))
     files = sorted(f for f in tmp.iterdir() if f.is_file())
-    manifest = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    manifest = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     atomic_write(tmp / STATE_FILE, lambda f: f.write_text(json.dumps(trainer_state, indent=2)))
     for f in tmp.iterdir():
@@ -77,14 +76,6 @@ def save_checkpoint(folder: Path, dm, adapter: str, opt, sched, trainer_state: d
     os.replace(tmp, folder)
     fsync(folder.parent)
     return folder
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def damage(folder: Path) -> str | None:
@@ -104,23 +95,19 @@ def damage(folder: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != want["size"]:
             return f"{name} has {f.stat().st_size} bytes, not {want['size']}"
-        if _sha256(f) != want["sha256"]:
+        if file_sha256(f) != want["sha256"]:
             return f"{name} does not match its sha256"
     return None
 
 
-def latest_checkpoint(root: Path, *, verify: bool = True) -> Path | None:
-    """The newest intact checkpoint under ``root``: with ``verify``, newer damaged ones are skipped with a warning
-    naming the checkpoint and what is wrong (see :func:`damage`); without, the newest with a state file."""
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest intact checkpoint under ``root``; newer damaged ones are skipped with a warning naming the
+    checkpoint and what is wrong (see :func:`damage`)."""
     if not root.is_dir():
         return None
     steps = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
                    key=lambda p: int(p.name[5:]), reverse=True)
     for p in steps:
-        if not verify:
-            if (p / STATE_FILE).is_file():
-                return p
-            continue
         problem = damage(p)
         if problem is None:
             return p
