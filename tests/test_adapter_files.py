@@ -202,6 +202,9 @@ BAD = {
                ["adapter_config.json", "MiB of parameters", "do not describe these weights"]),
     "huge-r-peft": (lambda f: _edit_config(f, lambda d: (d.pop("deltatune"), d.update(r=10**9))), {},
                     dt.AdapterFileError, ["adapter_config.json", "MiB of parameters"]),
+    "tensor-of-another-shape": (lambda f: _edit_weights(f, lambda t: t.update({f"{Q0}.lora_A.weight": torch.zeros(3, 32)})),
+                                {}, dt.AdapterFileError, ["adapter_model.safetensors", "q_proj.lora_A.weight",
+                                                          "has shape (3, 32)", "(4, 32)"]),
     "missing-key": (lambda f: _edit_weights(f, lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")),
                     {}, dt.AdapterFileError, ["model.layers.1.self_attn.v_proj", "lora_B.weight"]),
 }
@@ -227,6 +230,26 @@ def test_failed_load_names_the_problem_and_changes_nothing(case, existing, tmp_p
     message = str(info.value.args[0]) if info.value.args else str(info.value)
     for needle in needles:
         assert needle in message, f"{needle!r} not in {message!r}"
+    snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("method,field", [("lora", "r"), ("dora", "r"), ("adalora", "init_r"), ("loha", "r"),
+                                          ("dylora", "r"), ("adapter_houlsby", "bottleneck_size"), ("vera", "r"),
+                                          ("prompt_tuning", "num_virtual_tokens"), ("prefix_tuning", "num_virtual_tokens")])
+def test_huge_sizes_are_refused_from_the_header_before_reading(method, field, tmp_path, monkeypatch):
+    """Every method's config is measured against the file before a byte of tensor data is read or allocated."""
+    model = tiny_llama()
+    dt.attach(model, dt.config(method)).save(tmp_path)
+    _edit_config(tmp_path, _set("deltatune", field, 10**7))
+    fresh = tiny_llama()
+    snap = Snapshot(fresh)
+
+    def no_reading(*a, **k):
+        raise AssertionError("tensor data read before the config's sizes were checked")
+
+    monkeypatch.setattr(dt.io.adapter, "load_file", no_reading)
+    with pytest.raises(dt.AdapterFileError, match="MiB of parameters"):
+        dt.load_adapter(fresh, tmp_path, name="new")
     snap.assert_unchanged()
 
 

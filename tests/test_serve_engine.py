@@ -276,3 +276,30 @@ def test_half_a_character_is_never_sent():
     assert row.push(ord("a")) == "a"
     assert row.push(0xFFFD) == ""  # how a tokenizer decodes an incomplete UTF-8 sequence
     assert row.push(ord("b")) == "\ufffdb"
+
+
+def test_a_refused_adapter_is_answered_from_memory_until_its_files_change(world, tmp_path):
+    """A client retrying a broken adapter must not make the worker read and build it again on every request; a
+    fixed adapter (its files rewritten) is read afresh and loads."""
+    import shutil
+
+    from deltatune.serve import AdapterError
+
+    root = tmp_path / "adapters"
+    shutil.copytree(world[1] / LORA, root / "fixme")
+    good_config = (root / "fixme" / "adapter_config.json").read_text()
+    (root / "fixme" / "adapter_config.json").write_text("[]")
+    model, _ = dt.load_pretrained(world[0])
+    dm = dt.DeltaModel(model)
+    registry = AdapterRegistry(dm, root)
+    reads = []
+    real_load = dm.load
+    dm.load = lambda *a, **k: (reads.append(a[0]), real_load(*a, **k))[1]
+    for _ in range(3):
+        with pytest.raises(AdapterError, match="adapter_config.json") as e:
+            registry.acquire("fixme")
+        assert e.value.status == 400 and e.value.code == "invalid_adapter_file"
+    assert len(reads) == 1 and not dm.configs
+    (root / "fixme" / "adapter_config.json").write_text(good_config)
+    internal = registry.acquire("fixme")
+    assert len(reads) == 2 and internal in dm.configs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from ..core.config import DeltaConfig
+from ..core.delta import Delta
 from ..core.registry import available_methods, config_class
 from ..core.targeting import iter_modules, matches, select
 
@@ -263,22 +265,96 @@ def read_weights(folder: Path, allow_pickle: bool = False, prefix: str = PREFIX)
     return out
 
 
-def _check_size(dm: DeltaModel, cfg: DeltaConfig, state: dict[str, Tensor], folder: Path) -> None:
-    """Refuse, before anything is allocated, a config whose deltas would need far more memory than its file holds
-    (``r: 1000000000`` beside small weights): the deltas are first built on the meta device, which costs nothing.
-    A method whose construction needs real tensors skips this check (its shapes are checked on import)."""
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_header(folder: Path, prefix: str = PREFIX) -> dict[str, tuple[tuple[int, ...], int]] | None:
+    """Key -> (shape, bytes) of every tensor in the folder's safetensors file, read from its header alone (no
+    tensor data); keys as :func:`read_weights` returns them. None when the tensors are not stored as they load:
+    a pickle file, or a compressed adapter (its stored tensors are codes; they are checked once decoded)."""
+    file = folder / WEIGHTS_NAME
+    if not file.is_file():
+        return None
     try:
-        sel = select(dm.model, cfg.for_model(dm.model), cfg.supports, cfg.default_targets)
+        data = json.loads((folder / CONFIG_NAME).read_text())
+        if isinstance(data, dict) and "compression" in data:
+            return None
+    except (OSError, ValueError, RecursionError):
+        pass  # read_config reports a broken config
+    out = {}
+    try:
+        with safe_open(str(file), "pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                shape = tuple(sl.get_shape())
+                out[k[len(prefix):] if k.startswith(prefix) else k] = (
+                    shape, math.prod(shape) * _DTYPE_BYTES.get(sl.get_dtype(), 8))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{file}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def _meta_deltas(dm: DeltaModel, cfg: DeltaConfig) -> dict[str, Delta]:
+    """``cfg``'s deltas on ``dm``'s model as :meth:`DeltaModel.add` builds them (unions member by member), without
+    saved modules; call under ``torch.device("meta")``."""
+    cfg = cfg.for_model(dm.model)
+    build_members = getattr(cfg, "build_members", None)
+    if build_members is not None:
+        return build_members(lambda member: _meta_deltas(dm, member))
+    return cfg.make_deltas(select(dm.model, cfg, cfg.supports, cfg.default_targets).modules)
+
+
+_Plan = dict[str, tuple[tuple[int, ...], "Delta | None", str]]
+
+
+def _planned(dm: DeltaModel, cfg: DeltaConfig) -> _Plan | None:
+    """Key (as in :func:`read_weights`) -> (shape, delta, key in the delta) of every tensor ``cfg``'s deltas would
+    save on this model, from deltas built on the meta device, which allocates nothing (shared tensors have no
+    delta). None for a method whose construction needs real tensors (its shapes are checked on import)."""
+    try:
         with torch.device("meta"):
-            made = cfg.make_deltas(sel.modules)
-        need = sum(p.numel() * 4 for d in made.values() for p in d.parameters())  # float32 at most
+            made = _meta_deltas(dm, cfg)
+            plan: _Plan = {(k if d.input_level else f"{p}.{k}"): (tuple(t.shape), d, k)
+                           for p, d in made.items() for k, t in d.export_state().items()}
+            shared = cfg.export_shared({p: d for p, d in made.items() if not d.replaces_base})
+            plan.update({k: (tuple(t.shape), None, k) for k, t in shared.items()})
     except Exception:  # noqa: BLE001 - the real build reports anything wrong
+        return None
+    return plan
+
+
+def check_against_config(dm: DeltaModel, cfg: DeltaConfig, stored: dict[str, tuple[tuple[int, ...], int]],
+                         folder: Path) -> None:
+    """Refuse, before any tensor is read or allocated, weights that do not fit the config on this model: a tensor
+    whose stored shape is not the one the config gives it here (naming the key and both shapes), or a config whose
+    deltas would need far more memory than the file holds (``r: 1000000000`` beside small weights)."""
+    plan = _planned(dm, cfg)
+    if plan is None:
         return
-    have = sum(t.numel() * t.element_size() for t in state.values())
+    need = sum(math.prod(s) * 4 for s, _, _ in plan.values())  # float32 at most
+    have = sum(n for _, n in stored.values())
     if need > 4 * have + (16 << 20):
         raise AdapterFileError(f"{folder / CONFIG_NAME}: this {cfg.type} config needs {need / 2**20:.0f} MiB of "
                                f"parameters, but {WEIGHTS_NAME} holds {have / 2**20:.1f} MiB: the config's sizes "
                                f"(r, ...) do not describe these weights")
+    file = folder / WEIGHTS_NAME
+    for key, (shape, _) in stored.items():
+        if key not in plan or plan[key][0] == tuple(shape):
+            continue
+        want, delta, sub = plan[key]
+        msg = (f"{file}: tensor {key} has shape {tuple(shape)}, but {CONFIG_NAME} ({cfg.type}) gives it {want} on "
+               f"this model (r, target modules or the model differ)")
+        if delta is not None and type(delta).import_state is not Delta.import_state:
+            # the method's own import check, run on empty tensors of the stored shapes, may know why
+            mine = {k: dk for k, (_, d, dk) in plan.items() if d is delta and k in stored}
+            try:
+                with torch.device("meta"):
+                    delta.import_state({dk: torch.empty(stored[k][0]) for k, dk in mine.items()},
+                                       key[: -len(sub) - 1] or key)
+            except (KeyError, ValueError) as e:
+                msg += f": {_message(e)}"
+        raise AdapterFileError(msg)
 
 
 def _save_id(folder: Path) -> str | None:
@@ -300,6 +376,10 @@ def _decompress(folder: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return decode_folder(folder, tensors)
 
 
+def _message(e: Exception) -> str:
+    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+
+
 def load_adapter_into(dm: DeltaModel, path: str | os.PathLike, name: str | None = None, *,
                       trainable: bool = False, allow_pickle: bool = False) -> str:
     folder = Path(path)
@@ -309,14 +389,22 @@ def load_adapter_into(dm: DeltaModel, path: str | os.PathLike, name: str | None 
     if name in dm.configs:
         raise ValueError(f"an adapter named {name!r} already exists; delete it first or pick another name")
     cfg = read_config(folder)
-    state = read_weights(folder, allow_pickle, cfg.peft_prefix)
     if cfg.modules_to_save:  # PEFT lists candidates (e.g. "classifier", "score"); absent ones mean nothing
         present = [m for m in cfg.modules_to_save if any(n and matches([m], n) for n, _ in iter_modules(dm.model))]
         cfg = cfg.model_copy(update={"modules_to_save": present or None})
-    _check_size(dm, cfg, state, folder)
+    try:
+        cfg.for_model(dm.model)  # the config's own sizes against the model's (prompt tuning's token_dim, ...)
+    except (KeyError, ValueError) as e:
+        raise AdapterFileError(f"{folder}: does not fit this model: {_message(e)}") from None
+    header = read_header(folder, cfg.peft_prefix)
+    if header is not None:  # shapes and size from the file's header, before any tensor is read
+        check_against_config(dm, cfg, header, folder)
+    state = read_weights(folder, allow_pickle, cfg.peft_prefix)
+    if header is None:  # pickled or compressed: the same check on the tensors as they load
+        check_against_config(dm, cfg, {k: (tuple(t.shape), t.numel() * t.element_size()) for k, t in state.items()},
+                             folder)
     try:
         dm.add(cfg, name, trainable=trainable, state=state)
     except (KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise AdapterFileError(f"{folder}: does not fit this model: {msg}") from None
+        raise AdapterFileError(f"{folder}: does not fit this model: {_message(e)}") from None
     return name

@@ -190,8 +190,9 @@ class AdaLoRA(Delta):
         self.init_r = init_r
         self.ranknum = float(init_r)
         self.scaling = alpha / (self.ranknum + EPS)
-        held = torch.tensor(pattern if pattern is not None else [True] * init_r, dtype=torch.bool)
-        r = int(held.sum())
+        pattern = [bool(b) for b in pattern] if pattern is not None else [True] * init_r
+        held = torch.tensor(pattern, dtype=torch.bool)
+        r = sum(pattern)  # from the list: the buffer may live on the meta device (size checks before loading)
         self.register_buffer("held", held, persistent=False)
         self.register_buffer("keep", torch.ones(r, dtype=torch.bool))
         self.lora_A = nn.Parameter(torch.empty(r, in_f))
@@ -242,6 +243,8 @@ class AdaLoRA(Delta):
     # -- file format: only the kept triplets -----------------------------------------------------
     def export_state(self) -> dict[str, Tensor]:
         k = self.keep
+        if k.device.type == "meta":  # built to plan shapes before a load: nothing pruned yet
+            return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}
         return {"lora_A": self.lora_A.detach()[k], "lora_B": self.lora_B.detach()[:, k], "lora_E": self.lora_E.detach()[k]}
 
     def import_state(self, state: dict[str, Tensor], where: str) -> None:

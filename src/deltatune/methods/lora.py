@@ -205,8 +205,8 @@ class LoRA(Delta):
             if self.pissa:
                 self._init_pissa(base, r)
         if use_dora:
-            w = self._weight(base)
-            self.lora_magnitude_vector = nn.Parameter(self._norm(w, self._dw()).to(torch.float32))
+            dw = self._dw()  # the base weight moves to dw's device: on the meta device nothing is computed
+            self.lora_magnitude_vector = nn.Parameter(self._norm(self._weight(base).to(dw.device), dw).to(torch.float32))
         else:
             self.lora_magnitude_vector = None
 

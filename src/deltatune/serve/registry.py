@@ -10,6 +10,10 @@ name (``srv0``, ``srv1``, ...); only the registry knows the mapping.
 
 Loading and unloading change the model, so they must run on the thread that runs the model (the engine's
 worker); the bookkeeping is under a lock so handlers can read it from any thread.
+
+An adapter whose files were refused is remembered with the files' sizes and modification times: until they
+change, a request for it gets the same answer without reading or building anything again (a client retrying a
+broken adapter costs the running batch nothing).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class AdapterRegistry:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self.evictions = 0
+        self._refused: OrderedDict[str, tuple[tuple, AdapterError]] = OrderedDict()  # name -> (files, answer)
 
     # -- names and files ---------------------------------------------------------------------------
     def folder(self, name: str) -> Path:
@@ -171,6 +176,12 @@ class AdapterRegistry:
             pinned = [e for e in self._loaded.values() if e.pins]
             pinned_bytes = sum(e.nbytes for e in pinned)
         folder = self.folder(name)
+        files = _signature(folder)
+        with self._lock:
+            refused = self._refused.get(name)
+        if refused is not None and refused[0] == files:
+            e = refused[1]
+            raise type(e)(str(e), e.status, e.code)
         if len(pinned) >= self.max_adapters:
             raise CacheFull(f"cannot load adapter {name!r}: all {len(pinned)} loaded adapters "
                             f"(--max-adapters {self.max_adapters}) are in use; retry shortly")
@@ -179,6 +190,33 @@ class AdapterRegistry:
         if estimate <= self.max_bytes < pinned_bytes + estimate:
             raise CacheFull(f"cannot load adapter {name!r} (~{estimate} bytes): the adapters in use fill the "
                             f"cache (--max-adapter-bytes {self.max_bytes}); retry shortly")
+        try:
+            nbytes, internal = self._build(name, folder)
+        except AdapterError as e:
+            if not isinstance(e, CacheFull):  # a property of the files, not of the moment
+                with self._lock:
+                    self._refused[name] = (files, e)
+                    self._refused.move_to_end(name)
+                    while len(self._refused) > _REFUSED_KEPT:
+                        self._refused.popitem(last=False)
+            raise
+        with self._lock:
+            self._refused.pop(name, None)
+            evicted = []
+            while len(self._loaded) >= self.max_adapters or self.loaded_bytes + nbytes > self.max_bytes:
+                victim = self._evictable()
+                if victim is None:
+                    self.dm.delete(internal)
+                    raise CacheFull(f"cannot load adapter {name!r} ({nbytes} bytes): the adapters in use fill the "
+                                    f"cache (--max-adapter-bytes {self.max_bytes}); retry shortly")
+                self._drop(victim)
+                evicted.append(victim)
+                self.evictions += 1
+            self._loaded[name] = Loaded(internal, nbytes)
+            return {"name": name, "loaded": True, "already_loaded": False, "bytes": nbytes, "evicted": evicted}
+
+    def _build(self, name: str, folder: Path) -> tuple[int, str]:
+        """Load the folder into the model as a new internal adapter, refusing what this server cannot serve."""
         internal = f"srv{next(self._ids)}"
         try:
             self.dm.load(folder, internal)
@@ -197,19 +235,7 @@ class AdapterRegistry:
             self.dm.delete(internal)
             raise AdapterError(f"adapter {name!r} needs {nbytes} bytes, more than --max-adapter-bytes "
                                f"{self.max_bytes}", status=413, code="adapter_too_large")
-        with self._lock:
-            evicted = []
-            while len(self._loaded) >= self.max_adapters or self.loaded_bytes + nbytes > self.max_bytes:
-                victim = self._evictable()
-                if victim is None:
-                    self.dm.delete(internal)
-                    raise CacheFull(f"cannot load adapter {name!r} ({nbytes} bytes): the adapters in use fill the "
-                                    f"cache (--max-adapter-bytes {self.max_bytes}); retry shortly")
-                self._drop(victim)
-                evicted.append(victim)
-                self.evictions += 1
-            self._loaded[name] = Loaded(internal, nbytes)
-            return {"name": name, "loaded": True, "already_loaded": False, "bytes": nbytes, "evicted": evicted}
+        return nbytes, internal
 
     def unload(self, name: str) -> dict:
         """Free ``name``; refused (409) while a running request uses it."""
@@ -230,6 +256,21 @@ class AdapterRegistry:
     def _drop(self, name: str) -> None:
         entry = self._loaded.pop(name)
         self.dm.delete(entry.internal)
+
+
+_REFUSED_KEPT = 1024  # refused adapters remembered (least recently refused forgotten first)
+
+
+def _signature(folder: Path) -> tuple:
+    """What identifies the files of an adapter folder without reading them: each file's size and mtime."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out.append((p.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
 
 
 def _nbytes(deltas) -> int:
