@@ -582,7 +582,8 @@ async def _good_for(url: str, seconds: float, faults: bool) -> dict:
             await fault
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return {"good": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else "",
-            "p50_s": statistics.median(latencies), "p95_s": q[18], "fault_counts": counts, "first_5xx": firsts}
+            "p50_s": statistics.median(latencies), "p95_s": q[18], "fault_counts": counts, "first_5xx": firsts,
+            "latencies": latencies}
 
 
 def _broken_adapters(folder: Path) -> None:
@@ -602,9 +603,51 @@ def _broken_adapters(folder: Path) -> None:
     json.loads((folder / "nan" / "adapter_config.json").read_text())  # still a good config
 
 
+async def _health_during_loads(url: str, folder: Path, loads: int, streaming: bool) -> dict:
+    """/health latencies (polled every 20 ms) while ``loads`` fresh adapters are loaded and unloaded one after the
+    other through the admin endpoint (with ``streaming``, while the 8 clients stream too)."""
+    import httpx
+
+    for j in range(loads):
+        shutil.copytree(folder / "a0", folder / f"fresh{j}", dirs_exist_ok=True)
+    done = asyncio.Event()
+    lat: list[float] = []
+    load_s: list[float] = []
+
+    async def probe(c: httpx.AsyncClient) -> None:
+        while not done.is_set():
+            t = time.perf_counter()
+            r = await c.get("/health")
+            lat.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.text
+            await asyncio.sleep(0.02)
+
+    async def admin(c: httpx.AsyncClient) -> None:
+        await asyncio.sleep(0.5)
+        for j in range(loads):
+            t = time.perf_counter()
+            r = await c.post("/v1/adapters/load", json={"name": f"fresh{j}"})
+            load_s.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.text
+            await c.post("/v1/adapters/unload", json={"name": f"fresh{j}"})
+        done.set()
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c, httpx.AsyncClient(base_url=url, timeout=60) as a:
+        good = asyncio.create_task(_good_for(url, 1e9, faults=False)) if streaming else None
+        await asyncio.gather(probe(c), admin(a))
+        if good is not None:
+            good.cancel()
+    return {"max_s": max(lat), "p99_s": statistics.quantiles(lat, n=100, method="inclusive")[98], "probes": len(lat),
+            "load_s": statistics.median(load_s)}
+
+
+FAULT_PAIRS = 6  # runs without and with faults, alternating: the machine's drift hits both alike
+
+
 def part_faults(args: argparse.Namespace, log: Log) -> None:
     setup(threads=SERVER_THREADS)
     seconds = 10 if args.quick else FAULT_SECONDS
+    pairs = 1 if args.quick else FAULT_PAIRS
     tmp = Path(tempfile.mkdtemp(prefix="dt-serve-faults-"))
     try:
         make_adapters(tmp, FAULT_ADAPTERS, log)
@@ -613,17 +656,23 @@ def part_faults(args: argparse.Namespace, log: Log) -> None:
         with ServerProcess(tmp, FAULT_ADAPTERS + 2, preload=names) as srv:
             asyncio.run(_good_for(srv.url, 5, faults=False))  # warm-up
             runs = {}
-            for faults in (False, True, False, True):  # interleaved: drift on the machine hits both alike
-                res = asyncio.run(_good_for(srv.url, seconds / 2, faults=faults))
+            for faults in (False, True) * pairs:
+                res = asyncio.run(_good_for(srv.url, seconds / pairs, faults=faults))
                 log(f"{'with' if faults else 'without'} faults: {res['good']} good, p50 {res['p50_s']:.3f} s, "
                     f"p95 {res['p95_s']:.3f} s, {res['errors']} errors, faults answered {res['fault_counts']}")
                 runs.setdefault(faults, []).append(res)
+            health = {streaming: asyncio.run(_health_during_loads(srv.url, tmp, 3 if args.quick else 10, streaming))
+                      for streaming in (False, True)}
+            for streaming, h in health.items():
+                log(f"/health while adapters load{' under streaming' if streaming else ''}: max {h['max_s'] * 1000:.0f} "
+                    f"ms, p99 {h['p99_s'] * 1000:.0f} ms over {h['probes']} probes (a load takes {h['load_s']:.2f} s)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     def pooled(rs: list[dict]) -> dict:
-        return {"good": sum(r["good"] for r in rs), "errors": sum(r["errors"] for r in rs),
-                "p50_s": statistics.mean(r["p50_s"] for r in rs), "p95_s": statistics.mean(r["p95_s"] for r in rs)}
+        lat = [x for r in rs for x in r["latencies"]]
+        return {"good": len(lat), "errors": sum(r["errors"] for r in rs), "p50_s": statistics.median(lat),
+                "p95_s": statistics.quantiles(lat, n=20)[18]}
 
     base, hit = pooled(runs[False]), pooled(runs[True])
     counts: dict[str, int] = {}
@@ -641,6 +690,13 @@ def part_faults(args: argparse.Namespace, log: Log) -> None:
     verdict = (f"p50 {ratio50:.2f}x, p95 {ratio95:.2f}x the fault-free run (goal <= 1.10x); "
                f"{counts.get('5xx', 0)} 5xx (goal 0){'; first: ' + first_5xx if first_5xx else ''}")
     log(verdict)
+    idle, busy = health[False], health[True]
+    health_line = (f"`/health` polled every 20 ms while adapters (each {idle['load_s']:.2f} s to load, r={SERVE_R}) are "
+                   f"loaded and unloaded one after another through `/v1/adapters/load`: idle server max "
+                   f"{idle['max_s'] * 1000:.0f} ms (p99 {idle['p99_s'] * 1000:.0f} ms, {idle['probes']} probes); while "
+                   f"the 8 clients stream max {busy['max_s'] * 1000:.0f} ms (p99 {busy['p99_s'] * 1000:.0f} ms, "
+                   f"{busy['probes']} probes) (goal: within 100 ms).")
+    log(health_line)
     if args.no_write or args.quick:
         log("not writing RESULTS.md (--no-write or --quick)")
         return
@@ -652,10 +708,12 @@ def part_faults(args: argparse.Namespace, log: Log) -> None:
         f"{FAULT_CLIENTS} closed-loop clients stream `POST /v1/chat/completions` (greedy, max_tokens={SERVE_TOKENS}, "
         f"`ignore_eos`) over the adapters; in the fault runs a ninth client sends, back to back, {len(bad_requests('m'))} "
         f"kinds of bad request (sampling edge cases, seeds out of range, nested or broken JSON, unknown, hostile and "
-        f"broken adapters, NaN weights, over-long prompts, cross-site text/plain). Four runs of {seconds / 2:.0f} s, "
-        f"without and with faults interleaved; latencies are the mean of the two runs of each kind.",
+        f"broken adapters, NaN weights, over-long prompts, cross-site text/plain). {2 * pairs} runs of "
+        f"{seconds / pairs:.0f} s, alternately without and with faults (the machine's drift hits both alike); p50 and "
+        f"p95 over all the good requests of each kind.",
         markdown_table(head, rows),
         verdict + ".",
+        health_line,
         "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
     ])
     write_section("serve-faults", body)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import gc
 import hmac
 import json
 import time
@@ -163,6 +164,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, l
         return await asyncio.get_running_loop().run_in_executor(tokenizing, functools.partial(fn, *args, **kwargs))
 
     async def lifespan(_app):
+        # the model, tokenizer and libraries are hundreds of thousands of long-lived objects: frozen out of the
+        # cyclic collector, whose full passes over them would otherwise stall every thread (GIL) for ~200 ms
+        gc.collect()
+        gc.freeze()
         engine.start()
         yield
         engine.stop()
