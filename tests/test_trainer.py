@@ -393,3 +393,41 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_ends_as_an_uninterrupted_r
     want, got = _weights(ref), _weights(out)
     assert want.keys() == got.keys()
     assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)  # exact resume from step 6
+
+
+@pytest.mark.parametrize("method", [
+    # AdaLoRA: importance averages and the masking schedule run through the kill (masking every 2 steps from 4)
+    {"type": "adalora", "init_r": 6, "target_r": 2, "tinit": 4, "tfinal": 6, "deltaT": 2, "alpha": 8,
+     "targets": "all-linear"},
+    # DyLoRA: the rank sampled for each step continues as in the uninterrupted run
+    {"type": "dylora", "r": 6, "r_min": 1, "alpha": 8, "targets": "all-linear"},
+])
+def test_sigkill_then_resume_is_exact_for_methods_with_training_hooks(tmp_path, tiny_folder, data_files, method):
+    import yaml
+
+    path = _write_run(tmp_path, tiny_folder, data_files["text"], steps=24, save_every=3)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["method"] = method
+    path.write_text(yaml.safe_dump(cfg))
+    run(load_run_config(path, [f"output={tmp_path / 'ref'}"]), progress=False)
+    (tmp_path / "child.py").write_text(textwrap.dedent(_CHILD))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(path), f"output={out}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "step-9" / "trainer_state.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
+    run(load_run_config(path, [f"output={out}"]), resume=True, progress=False)
+    a = load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape for k in a)  # AdaLoRA's pruned ranks (some modules keep none) alike
+    assert max(((a[k] - b[k]).abs().max().item() for k in a if a[k].numel()), default=0.0) <= 1e-5
+    ca = json.loads((tmp_path / "ref" / "adapter_config.json").read_text())
+    cb = json.loads((out / "adapter_config.json").read_text())
+    ca["deltatune"].pop("save_id"), cb["deltatune"].pop("save_id")  # unique per save
+    assert ca == cb  # AdaLoRA's final rank pattern too

@@ -9,18 +9,21 @@ import os
 
 from torch import nn
 
+from . import methods  # noqa: F401  (importing it registers every built-in method)
+from ._version import __version__ as __version__
 from .core.compose import Average, Block, Fuse, Parallel, Split, Stack
 from .core.config import DeltaConfig
 from .core.delta import Delta, MergeError, ModuleCopy
 from .core.model import DeltaModel, owner_of
-from .core.registry import available_methods, config, register
+from .core.registry import available_methods, config, config_class, register
 from .core.site import Site
 from .core.targeting import inspect
 from .io.adapter import AdapterFileError
 from .merge.combine import combine, negate
 from .methods.lora import LoRAConfig
-
-__version__ = "0.1.0"
+from .methods.sparse_ft import (
+    calibrate_sparse,  # GPS: a sparse_ft adapter's indices from a few batches' gradients
+)
 
 
 def attach(model: nn.Module, cfg: DeltaConfig | list[DeltaConfig], name: str = "default", *,
@@ -52,18 +55,8 @@ def load_pretrained(spec, **kwargs):
     return _load(spec, **kwargs)
 
 
-def calibrate_sparse(dm: DeltaModel, name: str, batches, **kwargs):
-    """Choose a ``sparse_ft`` adapter's indices by gradient magnitude (GPS) on a few batches; see
-    :func:`deltatune.methods.sparse_ft.calibrate_sparse`."""
-    from .methods.sparse_ft import calibrate_sparse as _calibrate
-
-    return _calibrate(dm, name, batches, **kwargs)
-
-
 def __getattr__(name: str):
     """Every registered method's Config class by its name: ``dt.IA3Config``, ``dt.VeRAConfig``, ..."""
-    from .core.registry import available_methods, config_class
-
     for method in available_methods():
         cls = config_class(method)
         if cls.__name__ == name:

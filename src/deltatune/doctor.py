@@ -18,6 +18,7 @@ from typing import Any
 
 from packaging.requirements import Requirement
 
+from .core.kv import cache_name
 from .models import EMBEDDED_MODELS, embedded_path, load_pretrained
 
 
@@ -53,8 +54,6 @@ def _version(dist: str) -> str | None:
 def environment() -> dict[str, str]:
     import torch
     import transformers
-
-    from .core.kv import cache_name
 
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device == "cuda":

@@ -12,13 +12,15 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from .io.adapter import file_sha256
+
+if TYPE_CHECKING:  # transformers is imported when a model is loaded, not by `import deltatune`
+    from transformers import PreTrainedTokenizerBase
 
 TASKS = ("auto", "causal-lm", "classification", "encoder")
 
@@ -341,3 +343,26 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     if getattr(model, "generation_config", None) is not None:
         plain.generation_config = copy.deepcopy(model.generation_config)
     return plain
+
+
+def meta_model(folder: Path, *, require_class: bool = False) -> nn.Module:
+    """The model of ``folder/config.json`` built on the meta device: its module tree, no memory. The class is the
+    one its ``architectures`` names (else transformers' AutoModel for that config, unless ``require_class``)."""
+    import transformers
+
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json; the model's structure cannot be known without it")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        raise ValueError(f"{folder}/config.json: cannot be read by transformers ({e})") from None
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None and require_class:
+        raise ValueError(f"{folder}/config.json: architectures={archs!r} names no transformers model class; "
+                         f"the module structure (which tensors are linear weights) cannot be known")
+    try:
+        with torch.device("meta"):
+            return cls._from_config(config) if cls is not None else transformers.AutoModel.from_config(config)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise ValueError(f"{folder}: cannot build the model's structure from config.json ({e})") from None

@@ -10,6 +10,7 @@ written by newer releases).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -92,6 +93,16 @@ class DeltaConfig(BaseModel):
         """
         return {path: self.make_delta(m, path) for path, m in modules.items()}
 
+    # -- a config made of other configs (a union: several methods as one adapter) ---------------------
+    composite: ClassVar[bool] = False  # True when build() composes other configs' deltas (not per module)
+
+    def build(self, build_one: Callable[[DeltaConfig], dict[str, Delta]]) -> dict[str, Delta]:
+        """The adapter's deltas, module path -> delta. ``build_one(cfg)`` is the caller's build of one ordinary
+        config (DeltaModel's selects the targets, calls :meth:`make_deltas`, places the deltas and adds the
+        ``modules_to_save`` copies). Ordinary methods keep this default; a composite config (``methods/union.py``)
+        overrides it to build each member (``member.build(build_one)``) and compose them per module."""
+        return build_one(self)
+
     # -- tensors shared by all deltas of one adapter, saved outside any module path ----------------
     shared_keys: ClassVar[tuple[str, ...]] = ()  # their full keys in the file (e.g. "base_model.vera_A")
 
@@ -124,7 +135,7 @@ class DeltaConfig(BaseModel):
         return self
 
     def training_callbacks(self, dm: Any, name: str) -> list[Any]:
-        """Trainer callbacks (``deltatune.train.trainer.Callback``) this method needs while adapter ``name``
+        """Training hooks (:class:`deltatune.core.hooks.TrainingHook`) this method needs while adapter ``name``
         trains, e.g. a rank-budget schedule or a regulariser. Most methods need none."""
         return []
 

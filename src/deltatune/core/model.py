@@ -12,7 +12,7 @@ import inspect
 import re
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from .compose import Block
 from .composition import Composition, compose
 from .config import DeltaConfig
 from .delta import Delta, MergeError, ModuleCopy
+from .registry import config
 from .site import Site, SiteState
 from .targeting import select, select_saved
 
@@ -163,8 +164,6 @@ class DeltaModel(nn.Module):
         ``cfg`` may be a list of configs: they attach as ONE adapter (a union, ``methods/union.py``).
         """
         if isinstance(cfg, (list, tuple)):
-            from .registry import config
-
             cfg = config("union", members=list(cfg))
         if not isinstance(cfg, DeltaConfig):
             raise TypeError(f"expected a method config (e.g. LoRAConfig), got {type(cfg).__name__}")
@@ -202,9 +201,9 @@ class DeltaModel(nn.Module):
         return self
 
     def _build(self, cfg: DeltaConfig) -> dict[str, Delta]:
-        build_members = getattr(cfg, "build_members", None)
-        if build_members is not None:  # a union: every member builds here, then the union composes them
-            return build_members(self._build)
+        return cfg.build(self._build_one)  # a union builds each member with _build_one, then composes them
+
+    def _build_one(self, cfg: DeltaConfig) -> dict[str, Delta]:
         sel = select(self.model, cfg, cfg.supports, cfg.default_targets)
         saved = select_saved(self.model, cfg.modules_to_save) if cfg.modules_to_save else {}
         wrapped = dict(self.sites())
@@ -444,15 +443,28 @@ class DeltaModel(nn.Module):
 
     def save(self, path, names: list[str] | None = None) -> None:
         """Write each adapter in the PEFT format (``default`` at ``path``, others in ``path/<name>``)."""
-        from ..io.adapter import save_adapters
-
-        save_adapters(self, path, names)
+        _store("save")(self, path, names)
 
     def load(self, path, name: str | None = None, *, trainable: bool = False, allow_pickle: bool = False) -> str:
         """Load a saved adapter under ``name`` (default ``"default"``); returns the name."""
-        from ..io.adapter import load_adapter_into
+        return _store("load")(self, path, name, trainable=trainable, allow_pickle=allow_pickle)
 
-        return load_adapter_into(self, path, name, trainable=trainable, allow_pickle=allow_pickle)
+
+# Files are io's business, not the core's: io/adapter.py registers its save and load here when imported (importing
+# ``deltatune`` does), so that DeltaModel.save/load work without the core importing the layer above it.
+_STORE: dict[str, Callable[..., Any]] = {}
+
+
+def register_store(save: Callable[..., None], load: Callable[..., str]) -> None:
+    """Install the functions behind :meth:`DeltaModel.save` and :meth:`DeltaModel.load` (io/adapter.py's)."""
+    _STORE.update(save=save, load=load)
+
+
+def _store(op: str) -> Callable[..., Any]:
+    try:
+        return _STORE[op]
+    except KeyError:
+        raise RuntimeError("no adapter file format is registered: import deltatune (deltatune.io.adapter)") from None
 
 
 class _InputHook:
@@ -506,11 +518,7 @@ def _by_module(state: dict[str, Tensor], deltas: dict[str, Delta]) -> dict[str, 
     """Split ``<path>.<param>`` keys by the module each belongs to (the longest path that prefixes it)."""
     parts: dict[str, dict[str, Tensor]] = {p: {} for p in deltas}
     unexpected = []
-    inputs = [p for p, d in deltas.items() if d.input_level]
     for key, t in state.items():
-        if "." not in key and len(inputs) == 1:  # PEFT saves prompt-learning weights as top-level keys
-            parts[inputs[0]][key] = t
-            continue
         bits = key.split(".")
         for i in range(len(bits) - 1, 0, -1):
             path = ".".join(bits[:i])

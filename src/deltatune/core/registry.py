@@ -1,4 +1,8 @@
-"""The method registry: a method registers its Config class; ``config(name, **kw)`` builds one."""
+"""The method registry: a method registers its Config class; ``config(name, **kw)`` builds one.
+
+The built-in methods register when ``deltatune`` is imported (its ``__init__`` imports ``deltatune.methods``);
+the core itself never imports a method.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ def register(cls: type[DeltaConfig]) -> type[DeltaConfig]:
 
 
 def config_class(name: str) -> type[DeltaConfig]:
-    _load_builtin_methods()
     try:
         return _METHODS[name]
     except KeyError:
@@ -31,9 +34,5 @@ def config(name: str, **kwargs: Any) -> DeltaConfig:
 
 
 def available_methods() -> list[str]:
-    _load_builtin_methods()
     return sorted(_METHODS)
 
-
-def _load_builtin_methods() -> None:
-    from .. import methods  # noqa: F401  (importing registers every built-in method)

@@ -182,3 +182,12 @@ def inspect(model: nn.Module, targets: TargetSpec = ALL_LINEAR, **kwargs) -> Ins
         rows.append((name, type(m).__name__, tuple(w.shape) if w is not None else (),
                      sum(p.numel() for p in m.parameters())))
     return Inspection(rows, sum(p.numel() for p in model.parameters()))
+
+
+def exact_targets(model, paths: list[str]) -> str | list[str]:
+    """A PEFT ``target_modules`` value that selects exactly ``paths``: leaf names if they suffice, else a regex."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    hits = {n for n, _ in iter_modules(model) if n and matches(leaves, n)}
+    if hits == set(paths):
+        return leaves
+    return "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"

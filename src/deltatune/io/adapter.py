@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import uuid
 import warnings
@@ -29,23 +28,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from .._version import __version__
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.model import register_store
 from ..core.registry import available_methods, config_class
-from ..core.targeting import iter_modules, matches, select
+from ..core.targeting import exact_targets, iter_modules, matches, select
+from .codec import decode_folder
+from .folder import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, AdapterFileError
 
 if TYPE_CHECKING:
     from ..core.model import DeltaModel
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 FORMAT_VERSION = 1
-
-
-class AdapterFileError(ValueError):
-    """An adapter folder that cannot be loaded: missing, corrupt, or not matching the model."""
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -134,15 +130,6 @@ def write_adapter_folder(folder: Path, blob: bytes, save_id: str, config: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def exact_targets(model, paths: list[str]) -> str | list[str]:
-    """A PEFT ``target_modules`` value that selects exactly ``paths``: leaf names if they suffice, else a regex."""
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    hits = {n for n, _ in iter_modules(model) if n and matches(leaves, n)}
-    if hits == set(paths):
-        return leaves
-    return "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
-
-
 def save_adapters(dm: DeltaModel, path: str | os.PathLike, names: list[str] | None = None) -> None:
     root = Path(path)
     names = list(dm.configs) if names is None else names
@@ -153,8 +140,6 @@ def save_adapters(dm: DeltaModel, path: str | os.PathLike, names: list[str] | No
 
 def config_dict(cfg: DeltaConfig, targets) -> dict[str, Any]:
     """The ``adapter_config.json`` of a config: PEFT's fields where the method maps to PEFT, plus ours."""
-    from .. import __version__
-
     try:
         config: dict[str, Any] = cfg.to_peft(targets)
     except NotImplementedError:
@@ -298,11 +283,27 @@ def read_header(folder: Path, prefix: str = PREFIX) -> dict[str, tuple[tuple[int
 def _meta_deltas(dm: DeltaModel, cfg: DeltaConfig) -> dict[str, Delta]:
     """``cfg``'s deltas on ``dm``'s model as :meth:`DeltaModel.add` builds them (unions member by member), without
     saved modules; call under ``torch.device("meta")``."""
-    cfg = cfg.for_model(dm.model)
-    build_members = getattr(cfg, "build_members", None)
-    if build_members is not None:
-        return build_members(lambda member: _meta_deltas(dm, member))
-    return cfg.make_deltas(select(dm.model, cfg, cfg.supports, cfg.default_targets).modules)
+    return cfg.for_model(dm.model).build(
+        lambda one: one.make_deltas(select(dm.model, one, one.supports, one.default_targets).modules))
+
+
+def _input_keys_placed(dm: DeltaModel, cfg: DeltaConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """PEFT saves prompt-learning weights as top-level keys (``prompt_embeddings``); give them the module path of
+    the adapter's input-level delta, as every other key has, for :meth:`DeltaModel.add`."""
+    if all("." in k for k in state):
+        return state
+    try:
+        with torch.device("meta"):
+            made = _meta_deltas(dm, cfg)
+    except Exception:  # noqa: BLE001 - a method that needs real tensors to build (prompt tuning's text init)
+        try:
+            made = _meta_deltas(dm, cfg)  # small: the sizes were checked against the file already
+        except Exception:  # noqa: BLE001 - the real build in DeltaModel.add reports anything wrong
+            return state
+    paths = [p for p, d in made.items() if d.input_level]
+    if len(paths) != 1:
+        return state
+    return {(k if "." in k else f"{paths[0]}.{k}"): t for k, t in state.items()}
 
 
 _Plan = dict[str, tuple[tuple[int, ...], "Delta | None", str]]
@@ -370,9 +371,7 @@ def _save_id(folder: Path) -> str | None:
 
 def _decompress(folder: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Decode a compressed adapter (a ``compression`` entry in its config: ComPEFT, DARE, int8; see
-    :mod:`deltatune.merge.compress`); other adapters pass through unchanged."""
-    from ..merge.compress import decode_folder
-
+    :mod:`deltatune.io.codec`); other adapters pass through unchanged."""
     return decode_folder(folder, tensors)
 
 
@@ -403,8 +402,12 @@ def load_adapter_into(dm: DeltaModel, path: str | os.PathLike, name: str | None 
     if header is None:  # pickled or compressed: the same check on the tensors as they load
         check_against_config(dm, cfg, {k: (tuple(t.shape), t.numel() * t.element_size()) for k, t in state.items()},
                              folder)
+    state = _input_keys_placed(dm, cfg, state)
     try:
         dm.add(cfg, name, trainable=trainable, state=state)
     except (KeyError, ValueError) as e:
         raise AdapterFileError(f"{folder}: does not fit this model: {_message(e)}") from None
     return name
+
+
+register_store(save_adapters, load_adapter_into)  # behind DeltaModel.save / .load

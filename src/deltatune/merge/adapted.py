@@ -28,23 +28,8 @@ from torch import Tensor, nn
 from ..core.delta import Delta, check_finite
 from ..core.targeting import select
 from ..io.adapter import AdapterFileError, read_config, read_weights
+from ..models import meta_model
 from .checkpoint import Checkpoint
-
-
-def meta_model(folder: Path) -> nn.Module:
-    """The model of ``folder/config.json`` built on the meta device: its module tree, no memory."""
-    import transformers
-
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no config.json; it is needed to apply an adapter to this model")
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-        archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        with torch.device("meta"):
-            return cls._from_config(config) if cls is not None else transformers.AutoModel.from_config(config)
-    except (ValueError, KeyError, OSError, TypeError) as e:
-        raise ValueError(f"{folder}: cannot build the model's structure from config.json ({e})") from None
 
 
 def _empty_copy(module: nn.Module) -> nn.Module:
@@ -61,7 +46,7 @@ class AdapterOnRead:
         self.adapter = adapter
         cfg = read_config(adapter)
         self.method = cfg.type
-        if getattr(cfg, "build_members", None) is not None:
+        if cfg.composite:
             raise ValueError(f"{adapter}: a '{cfg.type}' adapter (several methods as one) cannot be applied on "
                              f"read; merge it into the model first (deltatune merge-adapter)")
         if cfg.modules_to_save:

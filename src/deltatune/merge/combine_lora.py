@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..methods.lora import LoRAConfig
+from ..core.config import DeltaConfig
 
 _PAIRS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
 LORA_KEYS = tuple(k for pair in _PAIRS for k in pair)
 _MAGNITUDE = "lora_magnitude_vector"
 
-Item = tuple[Path, LoRAConfig, dict[str, Tensor]]  # (folder, config, tensors) of one adapter
+Item = tuple[Path, DeltaConfig, dict[str, Tensor]]  # (folder, config, tensors) of one adapter
 Merge = Callable[[list[Tensor], list[float]], Tensor]
 
 
@@ -60,13 +60,13 @@ def _modules(folder: Path, delta: dict[str, Tensor]) -> dict[str, tuple[str, str
     return mods
 
 
-def _scale(folder: Path, cfg: LoRAConfig, path: str, r: int) -> float:
+def _scale(folder: Path, cfg: DeltaConfig, path: str, r: int) -> float:
     if cfg.rank(path) != r:
         raise ValueError(f"{folder}: module {path!r} has rank {r} in the file but {cfg.rank(path)} in its config")
     return cfg.scaling(path)
 
 
-def _out_config(cfg: LoRAConfig, ranks: dict[str, int], scales: dict[str, float]) -> LoRAConfig:
+def _out_config(cfg: DeltaConfig, ranks: dict[str, int], scales: dict[str, float]) -> DeltaConfig:
     """A config with each module's rank (the most common as ``r``, the others in ``rank_pattern``) and each
     module's scale ``scales[path]`` (the first adapter's, so its B is only multiplied by its weight)."""
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -95,7 +95,7 @@ def _cat_weights(method: str, params: dict[str, Any], weights: list[float]) -> l
 
 
 def combine_lora(items: list[Item], weights: list[float], method: str, params: dict[str, Any], merge: Merge,
-                 combination: str, rank: int | None) -> tuple[LoRAConfig, dict[str, Tensor], dict[str, dict]]:
+                 combination: str, rank: int | None) -> tuple[DeltaConfig, dict[str, Tensor], dict[str, dict]]:
     """(config, tensors keyed like ``read_weights``, per-module report) of the combined LoRA adapter."""
     folder0, cfg0, delta0 = items[0]
     mods = _modules(folder0, delta0)

@@ -33,10 +33,13 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from .._version import __version__
 from ..core.config import DeltaConfig, TargetSpec
+from ..core.registry import config as method_config
+from ..core.registry import config_class
 from ..core.targeting import ALL_LINEAR, is_linear, select
 from ..io.adapter import FORMAT_VERSION, WEIGHTS_NAME, adapter_blob, exact_targets, write_adapter_folder
-from ..methods.lora import LoRAConfig
+from ..models import meta_model, resolve_model_path
 
 REPORT_NAME = "extract_report.json"
 
@@ -45,8 +48,6 @@ class Checkpoint:
     """An HF folder of safetensors, read lazily: tensor names and shapes from the headers, tensors one by one."""
 
     def __init__(self, spec: str | os.PathLike):
-        from ..models import resolve_model_path
-
         folder, gguf = resolve_model_path(spec)
         if gguf is not None:
             raise ValueError(f"{spec}: a GGUF file; LoRA extraction reads HF folders of safetensors")
@@ -90,23 +91,6 @@ class Checkpoint:
         return self._handles[self.location[key]].get_tensor(key)
 
 
-def meta_model(folder: Path) -> nn.Module:
-    """The model class named in ``folder/config.json``, built on the meta device (structure only)."""
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-        raise ValueError(f"{folder}/config.json: cannot be read by transformers ({e})") from None
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        raise ValueError(f"{folder}/config.json: architectures={archs!r} names no transformers model class; "
-                         f"the module structure (which tensors are linear weights) cannot be known")
-    with torch.device("meta"):
-        return cls(config)
-
-
 def choose_rank(s: Tensor, rank: int | None, energy: float | None) -> int:
     """The kept rank for singular values ``s`` (descending): fixed, or the smallest reaching ``energy``
     of ``sum s_i^2`` (``rank`` then caps it); never above ``len(s)``."""
@@ -146,7 +130,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     cb, ct = Checkpoint(base), Checkpoint(tuned)
     _check_same_tensors(cb, ct)
-    model = meta_model(cb.folder)
+    model = meta_model(cb.folder, require_class=True)
     sel = select(model, DeltaConfig(targets=targets, exclude=exclude), supported=is_linear)
     weights = {f"{path}.weight": path for path in sel.names}
     missing = [k for k in weights if k not in cb.location]
@@ -189,7 +173,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
     pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
     paths = sorted(factors)
     target_modules = exact_targets(model, paths)
-    cfg = LoRAConfig(r=r, alpha=float(r), targets=target_modules, rank_pattern=pattern,
+    cfg = method_config("lora", r=r, alpha=float(r), targets=target_modules, rank_pattern=pattern,
                      alpha_pattern={k: float(v) for k, v in pattern.items()})
     config = _adapter_config(cfg, target_modules, str(base))
     tensors = {}
@@ -226,9 +210,7 @@ def _check_same_tensors(cb: Checkpoint, ct: Checkpoint) -> None:
             raise ValueError(f"tensor {key!r} has shape {list(sb)} in {cb.folder} but {list(st)} in {ct.folder}")
 
 
-def _adapter_config(cfg: LoRAConfig, target_modules: str | list[str], base: str) -> dict[str, Any]:
-    from .. import __version__
-
+def _adapter_config(cfg: DeltaConfig, target_modules: str | list[str], base: str) -> dict[str, Any]:
     config = cfg.to_peft(target_modules)
     config["base_model_name_or_path"] = base
     config["deltatune"] = {"type": cfg.type, "format": FORMAT_VERSION, "version": __version__,
@@ -236,8 +218,8 @@ def _adapter_config(cfg: LoRAConfig, target_modules: str | list[str], base: str)
     return config
 
 
-def truncate_lora(cfg: LoRAConfig, tensors: dict[str, Tensor], rank: int,
-                  where: str = "adapter") -> tuple[LoRAConfig, dict[str, Tensor]]:
+def truncate_lora(cfg: DeltaConfig, tensors: dict[str, Tensor], rank: int,
+                  where: str = "adapter") -> tuple[DeltaConfig, dict[str, Tensor]]:
     """A LoRA adapter truncated to ``rank``: per module the best rank-k approximation of ``s B A``.
 
     ``tensors`` are the file's tensors (full keys). The SVD of ``B A`` (out, r)(r, in) comes from QR of
@@ -246,7 +228,7 @@ def truncate_lora(cfg: LoRAConfig, tensors: dict[str, Tensor], rank: int,
     (alpha unchanged, r -> min(r, k)); modules already at rank <= k stay exact. Returns the new config and
     tensors (other tensors, e.g. DoRA magnitudes, unchanged).
     """
-    if not isinstance(cfg, LoRAConfig):
+    if not isinstance(cfg, config_class("lora")):  # LoRA or DoRA
         raise ValueError(f"{where}: rank truncation needs a LoRA adapter; this is a {cfg.type!r} adapter")
     pairs = {}
     for key in tensors:

@@ -25,7 +25,7 @@ Training (paper section 3) adds two things, both driven by :class:`RankAllocator
   ``total_step - tfinal`` the final mask is fixed and re-applied after every later step.
 
 With deltatune's :class:`~deltatune.train.trainer.Trainer` none of this needs user code: the config's
-``training_callbacks`` plugs a :class:`AdaLoRACallback` in (importance and masking after the optimizer
+``training_callbacks`` plugs an :class:`AdaLoRAHook` in (importance and masking after the optimizer
 step, as PEFT's loop does, the regulariser as an extra loss term; ``total_step`` defaults to the run's
 steps). As in PEFT, the sensitivity uses the weights after the optimizer step with the step's gradient
 (with the pre-step weights, lambda = 0 at init would score every triplet 0 at step 1 and, with
@@ -59,9 +59,9 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.hooks import TrainingContext, TrainingHook
 from ..core.registry import register
 from ..core.targeting import is_linear
-from ..train.trainer import Callback
 from .adalora_budget import RankAllocator, cubic_budget, orthogonal_regularizer  # noqa: F401  (re-exported)
 
 EPS = 1e-5  # PEFT divides by ranknum + 1e-5
@@ -120,7 +120,7 @@ class AdaLoRAConfig(DeltaConfig):
         return AdaLoRA(module, self.init_r, self.alpha, self.dropout, self.init, pattern)
 
     def training_callbacks(self, dm: Any, name: str) -> list[Any]:
-        return [AdaLoRACallback(dm, name)]
+        return [AdaLoRAHook(dm, name)]
 
     # -- PEFT format ---------------------------------------------------------------------------
     def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
@@ -268,35 +268,42 @@ class AdaLoRA(Delta):
         self.keep.fill_(True)
 
 
-class AdaLoRACallback(Callback):
-    """Drives :class:`RankAllocator` from deltatune's Trainer exactly where PEFT's loop calls
+class AdaLoRAHook(TrainingHook):
+    """Drives :class:`RankAllocator` from a training loop exactly where PEFT's loop calls
     ``update_and_allocate``: after the optimizer step (importance from the stepped weights and the step's
-    gradients, kept from after backward since the Trainer drops them at ``zero_grad``), then masking (the
-    paper's eq. 8: the stepped lambda is masked). ``orth_reg_weight * R`` is added to every micro-batch's loss."""
+    gradients, kept from after backward since the loop drops them at ``zero_grad``), then masking (the
+    paper's eq. 8: the stepped lambda is masked). ``orth_reg_weight * R`` is added to every micro-batch's loss.
+    Its state (the importance averages, whether the final mask is fixed) is checkpointed: resuming is exact."""
 
     def __init__(self, dm: Any, name: str):
         self.dm, self.name = dm, name
         self.allocator: RankAllocator | None = None
         self._grads: dict[tuple[str, str], Tensor | None] | None = None
 
-    def on_train_begin(self, trainer: Any) -> None:
+    def on_train_begin(self, ctx: TrainingContext) -> None:
         cfg = self.dm.configs[self.name]
-        total = cfg.total_step if cfg.total_step is not None else trainer.cfg.steps
-        if cfg.total_step is not None and cfg.total_step != trainer.cfg.steps:
+        total = cfg.total_step if cfg.total_step is not None else ctx.total_steps
+        if cfg.total_step is not None and cfg.total_step != ctx.total_steps:
             warnings.warn(f"AdaLoRA adapter {self.name!r}: total_step={cfg.total_step} but the run has "
-                          f"{trainer.cfg.steps} steps; the budget schedule follows total_step", stacklevel=2)
+                          f"{ctx.total_steps} steps; the budget schedule follows total_step", stacklevel=2)
         self.allocator = RankAllocator(self.dm, self.name, total_step=total)
         self.dm.configs[self.name] = cfg.model_copy(update={"total_step": total})  # saved with the adapter
 
-    def extra_loss(self, trainer: Any, step: int) -> Tensor | None:
+    def extra_loss(self, ctx: TrainingContext, step: int) -> Tensor | None:
         if self.allocator is None or self.allocator.cfg.orth_reg_weight == 0:
             return None
         return self.allocator.regularizer()
 
-    def on_after_backward(self, trainer: Any, step: int) -> None:
+    def on_after_backward(self, ctx: TrainingContext, step: int) -> None:
         self._grads = self.allocator.gradients()  # references: clipping then applies to them, as in PEFT's loop
 
-    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
+    def on_step_end(self, ctx: TrainingContext, step: int, metrics: dict[str, float]) -> None:
         self.allocator.update_importance(step, self._grads)
         self._grads = None
         metrics["adalora_budget"] = self.allocator.allocate(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.allocator.state_dict() if self.allocator is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.allocator.load_state_dict(state)

@@ -163,6 +163,25 @@ class RankAllocator:
         self.update_importance(step)
         return self.allocate(step)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The importance averages (tensors ``ipt/<module>/<param>``, ``unc/...``) and the final-mask flag: what a
+        resumed run needs to mask exactly as an uninterrupted one."""
+        out: dict[str, Any] = {"final_fixed": self.final_fixed}
+        for kind, table in (("ipt", self.ipt), ("unc", self.unc)):
+            out.update({f"{kind}/{path}/{pname}": t for (path, pname), t in table.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.final_fixed = bool(state.get("final_fixed", False))
+        self.reset_importance()
+        for key, t in state.items():
+            kind, _, rest = key.partition("/")
+            if kind in ("ipt", "unc"):
+                path, _, pname = rest.rpartition("/")
+                if path not in self.deltas:
+                    raise ValueError(f"AdaLoRA state for module {path!r}, which this adapter does not have")
+                (self.ipt if kind == "ipt" else self.unc)[(path, pname)] = t.to(getattr(self.deltas[path], pname).device)
+
     def nonzero_ranks(self) -> dict[str, int]:
         """The number of non-zero lambdas per module."""
         return {p: int((d.lora_E != 0).sum()) for p, d in self.deltas.items()}

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.hooks import TrainingContext, TrainingHook
 from ..core.registry import register
-from ..core.targeting import is_linear
-from ..train.trainer import Callback
+from ..core.targeting import exact_targets, is_linear
 from .lora import LoRAConfig
 
 
@@ -182,8 +182,6 @@ def truncate(dm: Any, name: str, rank: int, new_name: str | None = None) -> tupl
     """Adapter ``name`` at rank ``rank`` as a plain LoRA: ``(LoRAConfig, state)`` with ``state`` keyed
     ``<module path>.<param>`` (as ``DeltaModel.add(cfg, state=...)`` takes it). With ``new_name`` it is also
     added to ``dm`` under that name (inactive)."""
-    from ..io.adapter import exact_targets
-
     deltas = _dylora_deltas(dm, name)
     cfg = dm.configs[name]
     if not 1 <= rank <= cfg.r:
@@ -199,9 +197,10 @@ def truncate(dm: Any, name: str, rank: int, new_name: str | None = None) -> tupl
     return lora, state
 
 
-class DyLoRASampler(Callback):
+class DyLoRASampler(TrainingHook):
     """One rank b ~ Uniform{r_min..r} per training step for every module of the adapter (the paper's
-    L_DY(b)). The Trainer gets it from the config; an own loop calls :meth:`step` once per step."""
+    L_DY(b)). The Trainer gets it from the config; an own loop calls :meth:`step` once per step. The rank of
+    the coming step is its state: a resumed run trains the step with the rank the uninterrupted run drew."""
 
     def __init__(self, dm: Any, name: str):
         self.dm, self.name = dm, name
@@ -212,11 +211,19 @@ class DyLoRASampler(Callback):
         set_train_rank(self.dm, self.name, b)
         return b
 
-    def on_train_begin(self, trainer: Any) -> None:
-        self.step()
+    def on_train_begin(self, ctx: TrainingContext) -> None:
+        if ctx.start_step == 0:  # a resumed run gets the drawn rank from its checkpoint (load_state_dict)
+            self.step()
 
-    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
-        if step < trainer.cfg.steps:
+    def on_step_end(self, ctx: TrainingContext, step: int, metrics: dict[str, float]) -> None:
+        if step < ctx.total_steps:
             self.step()
         else:  # training is over: back to per-forward sampling for any later own loop
             set_train_rank(self.dm, self.name, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        ranks = {d.train_rank for d in _dylora_deltas(self.dm, self.name).values()}
+        return {"train_rank": ranks.pop() if len(ranks) == 1 else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_train_rank(self.dm, self.name, state.get("train_rank"))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.model import owner_of
 from ..core.registry import register
 from ..core.targeting import ALL_LINEAR, is_linear, layer_index, matches
 
@@ -117,8 +118,6 @@ class FusionConfig(DeltaConfig):
 
     def for_model(self, model: nn.Module) -> FusionConfig:
         """Targets: exactly the modules the fused adapters adapt (they must be loaded), narrowed by the fields."""
-        from ..core.model import owner_of
-
         dm = owner_of(model)
         loaded = dm.configs if dm is not None else {}
         missing = [a for a in self.adapters if a not in loaded]

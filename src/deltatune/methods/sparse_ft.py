@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.hooks import TrainingContext, TrainingHook
 from ..core.registry import register
 from ..core.targeting import is_linear
 from .bitfit import is_conv1d
@@ -79,23 +80,23 @@ class SparseFTConfig(DeltaConfig):
         ``calibration_batches`` batches; a resumed run keeps the indices of its checkpoint."""
         if self.mask != "gradient":
             return []
-        from ..train.trainer import Callback
-
-        n = self.calibration_batches
-
-        class _Calibrate(Callback):
-            def on_train_begin(self, trainer) -> None:
-                if trainer.start_step != 0:
-                    return
-                order = trainer._batches(0)[:n]
-                batches = [trainer.collate([trainer.train_data[j] for j in b]) for b in order]
-                calibrate_sparse(trainer.dm, name, batches, loss_fn=lambda _model, batch: trainer.loss(batch))
-
-        return [_Calibrate()]
+        return [GPSCalibration(name, self.calibration_batches)]
 
     def calibrate(self, dm: DeltaModel, name: str, batches: Iterable[Any],
                   loss_fn: Callable[[Any, Any], Tensor] | None = None) -> None:
         calibrate_sparse(dm, name, batches, loss_fn=loss_fn)
+
+
+class GPSCalibration(TrainingHook):
+    """Before a fresh run's first step, choose adapter ``name``'s entries by gradient magnitude (GPS) on the run's
+    first ``n`` batches, with the run's own loss; a resumed run keeps the entries of its checkpoint."""
+
+    def __init__(self, name: str, n: int):
+        self.name, self.n = name, n
+
+    def on_train_begin(self, ctx: TrainingContext) -> None:
+        if ctx.start_step == 0:
+            calibrate_sparse(ctx.dm, self.name, ctx.batches(self.n), loss_fn=lambda _model, batch: ctx.loss(batch))
 
 
 class SparseFT(Delta):

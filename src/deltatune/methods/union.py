@@ -101,6 +101,7 @@ class UnionConfig(DeltaConfig):
     """Several method configs attached as one adapter. ``members``: configs (or their ``to_dict()`` form)."""
 
     type: ClassVar[str] = "union"
+    composite: ClassVar[bool] = True
     members: list[DeltaConfig]
 
     @field_validator("members", mode="before")
@@ -141,7 +142,7 @@ class UnionConfig(DeltaConfig):
         return any(m.supports(module) for m in self.members)
 
     def make_delta(self, module: nn.Module, path: str) -> Delta:
-        raise TypeError("a union builds through DeltaModel (build_members), not module by module")
+        raise TypeError("a union builds through build() (each member, then composed), not module by module")
 
     def _keeps(self, path: str) -> bool:
         if self.targets is not None and not matches(self.targets, path):
@@ -150,15 +151,15 @@ class UnionConfig(DeltaConfig):
             return False
         return self.layers is None or layer_index(path, self.layers_pattern) in self.layers
 
-    def build_members(self, build: Callable[[DeltaConfig], dict[str, Delta]]) -> dict[str, Delta]:
-        """Build every member with ``build`` (DeltaModel's), filter, and compose them per module."""
+    def build(self, build_one: Callable[[DeltaConfig], dict[str, Delta]]) -> dict[str, Delta]:
+        """Build every member with ``build_one`` (DeltaModel's), filter, and compose them per module."""
         built: list[dict[str, Delta]] = []
         for i, m in enumerate(self.members):
             update: dict[str, Any] = {"adapter_dtype": self.adapter_dtype}
             if i == 0 and self.modules_to_save:
                 update["modules_to_save"] = list(dict.fromkeys([*(m.modules_to_save or []), *self.modules_to_save]))
             try:
-                part = build(m.model_copy(update=update))
+                part = m.model_copy(update=update).build(build_one)
             except (ValueError, KeyError, TypeError) as e:
                 raise type(e)(f"union member {i} ({m.type}): {e.args[0] if e.args else e}") from None
             kept = {p: d for p, d in part.items() if d.replaces_base or self._keeps(p)}

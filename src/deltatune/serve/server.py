@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from torch import nn
 
 from ..core.model import DeltaModel
+from ..models import load_pretrained
 from .app import Limits, create_app
 from .engine import Engine
 from .metrics import Metrics
@@ -58,8 +59,6 @@ def serve(model: str, adapters: str | os.PathLike, *, host: str = "127.0.0.1", p
           api_key: str | None = None, model_name: str | None = None, log_level: str = "info", **kwargs) -> None:
     """Load ``model`` (a short name, HF folder or .gguf) and serve it until interrupted (``deltatune serve``)."""
     import uvicorn
-
-    from ..models import load_pretrained
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if api_key is None and not _loopback(host):

@@ -47,8 +47,32 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(folder: Path, dm, adapter: str, opt, sched, trainer_state: dict[str, Any]) -> Path:
-    """Write checkpoint ``folder`` (e.g. .../checkpoints/step-50) atomically; returns it."""
+def _split_hook_states(states: dict[str, dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Training hooks' states by hook key: their tensors (as ``key/name``) for safetensors, the rest for JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, dict[str, Any]] = {}
+    for hook, st in states.items():
+        rest[hook] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{hook}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                rest[hook][k] = v
+    return tensors, rest
+
+
+def _join_hook_states(tensors: dict[str, torch.Tensor], rest: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {hook: dict(st) for hook, st in rest.items()}
+    for key, t in tensors.items():
+        hook, k = key.split("/", 1)
+        out.setdefault(hook, {})[k] = t
+    return out
+
+
+def save_checkpoint(folder: Path, dm, adapter: str, opt, sched, trainer_state: dict[str, Any],
+                    hook_states: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint ``folder`` (e.g. .../checkpoints/step-50) atomically; returns it. ``hook_states``: the
+    ``state_dict()`` of each training hook with state, by a key naming the hook (class name and occurrence)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -60,9 +84,11 @@ def save_checkpoint(folder: Path, dm, adapter: str, opt, sched, trainer_state: d
     opt_tensors, opt_meta = _flatten_optimizer(opt)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    hook_tensors, hook_rest = _split_hook_states(dict(hook_states or {}))
+    save_file(hook_tensors, str(tmp / "hooks.safetensors"))
     pystate = random.getstate()
     extra = {"optimizer": opt_meta, "scheduler": sched.state_dict(),
-             "python_rng": [pystate[0], list(pystate[1]), pystate[2]]}
+             "python_rng": [pystate[0], list(pystate[1]), pystate[2]], "hooks": hook_rest}
     (tmp / "extra_state.json").write_text(json.dumps(extra))
     files = sorted(f for f in tmp.iterdir() if f.is_file())
     manifest = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
@@ -116,8 +142,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: Path, dm, adapter: str, opt, sched) -> dict[str, Any]:
-    """Restore adapter weights, optimizer, scheduler and RNG in place; returns the trainer state."""
+def load_checkpoint(folder: Path, dm, adapter: str, opt, sched) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Restore adapter weights, optimizer, scheduler and RNG in place; returns the trainer state and the training
+    hooks' states by hook key (empty from checkpoints written before hooks had state)."""
     state = json.loads((folder / STATE_FILE).read_text())
     raw = load_file(str(folder / "delta_state.safetensors"))
     for path, d in dm.deltas(adapter).items():
@@ -128,7 +155,11 @@ def load_checkpoint(folder: Path, dm, adapter: str, opt, sched) -> dict[str, Any
     torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
     v, inner, gauss = extra["python_rng"]
     random.setstate((v, tuple(inner), gauss))
-    return state
+    hooks = extra.get("hooks")
+    if hooks is None:
+        return state, {}
+    tensors = load_file(str(folder / "hooks.safetensors")) if (folder / "hooks.safetensors").is_file() else {}
+    return state, _join_hook_states(tensors, hooks)
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

@@ -7,6 +7,9 @@ from typing import Any
 
 from torch import nn
 
+from ..core.model import owner_of
+from ..generation import bleu, generate
+from .data import Collator, detect_format, load_dataset, read_rows
 from .trainer import evaluate_dataset
 
 
@@ -17,10 +20,6 @@ def evaluate_file(model: nn.Module, tokenizer, path: str | Path, *, task: str = 
     For BLEU, rows sharing a prompt are grouped, their completions serving as multiple references;
     at most ``bleu_limit`` distinct prompts are generated for.
     """
-    from ..core.model import owner_of
-    from ..generation import bleu, generate
-    from .data import Collator, detect_format, load_dataset, read_rows
-
     fmt = "classification" if task == "classification" else None
     ds = load_dataset(path, tokenizer, format=fmt, max_length=max_length)
     inner = model.model if owner_of(model) is model else model

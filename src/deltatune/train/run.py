@@ -19,7 +19,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..core.config import DeltaConfig
+from ..core.model import DeltaModel
 from ..core.registry import config_class
+from ..core.targeting import output_heads
+from ..models import load_pretrained
+from .data import Collator, load_dataset
 from .trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -101,11 +105,6 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
 
     A fresh run refuses an output folder holding an earlier run unless ``overwrite`` (see ``Trainer.claim_output``).
     """
-    from .. import attach
-    from ..core.targeting import output_heads
-    from ..models import load_pretrained
-    from .data import Collator, load_dataset
-
     fmt = cfg.data.format or ("classification" if cfg.task == "classification" else None)
     for f in (cfg.data.train, cfg.data.eval):
         if f is not None and not Path(f).is_file():
@@ -121,7 +120,7 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progre
         mcfg = mcfg.model_copy(update={"modules_to_save": sorted(output_heads(model))})
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    dm = attach(model, mcfg)
+    dm = DeltaModel(model).add(mcfg)
     trainer = Trainer(dm, train_ds, cfg.train, cfg.output, eval_data=eval_ds, task=cfg.task,
                       collate=Collator(tok), progress=progress)
     trainer.claim_output(resume, overwrite)  # before anything is written into the folder

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..core.hooks import TrainingHook
 from ..core.model import DeltaModel, owner_of
 from ..io.adapter import save_adapter
 from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .data import bucket_batches
 from .loss import linear_cross_entropy
+from .plots import plot_loss_curve
 
 
 class TrainConfig(BaseModel):
@@ -58,17 +62,24 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-class Callback:
-    """Hooks a method or user can drive from the loop (e.g. AdaLoRA's rank schedule). All optional."""
+Callback = TrainingHook  # the hooks' protocol (core/hooks.py), by the name the Trainer has always used
 
-    def on_train_begin(self, trainer: Trainer) -> None: ...
-    def on_after_backward(self, trainer: Trainer, step: int) -> None: ...
-    def extra_loss(self, trainer: Trainer, step: int) -> torch.Tensor | None:
-        """A term added to the training loss of this step (e.g. AdaLoRA's orthogonality regulariser)."""
-        return None
 
-    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None: ...
-    def on_evaluate(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None: ...
+class _Context:
+    """The :class:`~deltatune.core.hooks.TrainingContext` a Trainer hands its hooks: what they may read or call."""
+
+    def __init__(self, trainer: Trainer):
+        self._trainer = trainer
+        self.dm, self.adapter = trainer.dm, trainer.adapter
+        self.total_steps = trainer.cfg.steps
+        self.step = self.start_step = 0
+
+    def batches(self, n: int) -> list[Any]:
+        t = self._trainer
+        return [t.collate([t.train_data[j] for j in idx]) for idx in t._batches(0)[:n]]
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        return self._trainer.loss(batch)
 
 
 @dataclass
@@ -126,8 +137,6 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 def evaluate_dataset(model: torch.nn.Module, data, collate, *, task: str = "causal-lm", batch_size: int = 8,
                      max_batches: int | None = None, bf16: bool = False) -> dict[str, float]:
     """Token-weighted loss (causal LM) or mean loss and accuracy (classification) over ``data``."""
-    from .data import bucket_batches
-
     was_training = model.training
     model.eval()
     order = bucket_batches(data.lengths, batch_size, seed=0, shuffle=False)[:max_batches]
@@ -157,14 +166,15 @@ class Trainer:
 
     def __init__(self, dm: DeltaModel, train_data, cfg: TrainConfig, output: str | Path, *, eval_data=None,
                  task: str = "causal-lm", adapter: str | None = None, collate=None,
-                 callbacks: Sequence[Callback] = (), progress: bool = True):
+                 callbacks: Sequence[TrainingHook] = (), progress: bool = True):
         self.dm, self.cfg, self.output = dm, cfg, Path(output)
         self.train_data, self.eval_data = train_data, eval_data
         self.task = task
         self.adapter = adapter or dm.active[0]
         self.collate = collate
-        # a method may drive part of its training itself (AdaLoRA's rank budget): its config supplies callbacks
+        # a method may drive part of its training itself (AdaLoRA's rank budget): its config supplies hooks
         self.callbacks = list(callbacks) + list(dm.configs[self.adapter].training_callbacks(dm, self.adapter))
+        self.context = _Context(self)
         self.progress = progress
         self.params = [p for p in dm.parameters() if p.requires_grad]
         if not self.params:
@@ -174,10 +184,18 @@ class Trainer:
         self.ckpt_root = self.output / "checkpoints"
         self.metrics_file = self.output / "metrics.jsonl"
 
+    def _hook_keys(self) -> list[tuple[str, TrainingHook]]:
+        """Each hook with the key its checkpointed state is saved under: class name and occurrence (``AdaLoRAHook#0``)."""
+        seen: dict[str, int] = {}
+        out = []
+        for cb in self.callbacks:
+            name = type(cb).__qualname__
+            out.append((f"{name}#{seen.get(name, 0)}", cb))
+            seen[name] = seen.get(name, 0) + 1
+        return out
+
     # -- data ----------------------------------------------------------------------------------
     def _batches(self, epoch: int) -> list[list[int]]:
-        from .data import bucket_batches
-
         return bucket_batches(self.train_data.lengths, self.cfg.batch_size, seed=self.cfg.seed + epoch)
 
     def _stream(self, epoch: int, index: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
@@ -228,10 +246,11 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "seconds": 0.0}
+        hook_states: dict[str, dict[str, Any]] = {}
         if resume:
             ckpt = latest_checkpoint(self.ckpt_root)
             if ckpt is not None:
-                state = load_checkpoint(ckpt, self.dm, self.adapter, self.opt, self.sched)
+                state, hook_states = load_checkpoint(ckpt, self.dm, self.adapter, self.opt, self.sched)
                 # the schedule may be longer now (more steps): continue on it, not at the old end's lr
                 for g, base, fn in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
                     g["lr"] = base * fn(self.sched.last_epoch)
@@ -239,9 +258,16 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self._enable_checkpointing()
         self.dm.train()
-        self.start_step = state["step"]  # 0 on a fresh run; callbacks may read it in on_train_begin
+        ctx = self.context
+        ctx.step = ctx.start_step = state["step"]  # 0 on a fresh run
         for cb in self.callbacks:
-            cb.on_train_begin(self)
+            cb.on_train_begin(ctx)
+        for key, cb in self._hook_keys():
+            if key in hook_states:
+                cb.load_state_dict(hook_states.pop(key))
+        if lost := [k for k, v in hook_states.items() if v]:
+            warnings.warn(f"the checkpoint holds the state of training hooks this run does not have ({', '.join(lost)}); "
+                          "it is ignored", stacklevel=2)
         stream = self._stream(state["epoch"], state["index"])
         losses: list[float] = []
         last_eval: dict[str, float] = {}
@@ -257,12 +283,12 @@ class Trainer:
                             f"loss is {float(loss.detach())} at step {step}; stopped. The last good checkpoint is kept in "
                             f"{latest_checkpoint(self.ckpt_root) or '(none yet)'}; try a lower lr or max_grad_norm."
                         )
-                    extra = [t for cb in self.callbacks if (t := cb.extra_loss(self, step)) is not None]
+                    extra = [t for cb in self.callbacks if (t := cb.extra_loss(ctx, step)) is not None]
                     ((loss + sum(extra)) / cfg.grad_accum if extra else loss / cfg.grad_accum).backward()
                     step_loss += float(loss.detach()) / cfg.grad_accum
                     step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
                 for cb in self.callbacks:
-                    cb.on_after_backward(self, step)
+                    cb.on_after_backward(ctx, step)
                 grad_norm = None
                 if cfg.max_grad_norm:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
@@ -272,6 +298,7 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 state.update(step=step, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens,
                              seconds=time.perf_counter() - t0)
+                ctx.step = step
                 losses.append(step_loss)
                 metrics = {"step": step, "loss": step_loss, "lr": lr,
                            "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9)}
@@ -281,15 +308,15 @@ class Trainer:
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
                     for cb in self.callbacks:
-                        cb.on_evaluate(self, step, last_eval)
+                        cb.on_evaluate(ctx, step, last_eval)
                 for cb in self.callbacks:
-                    cb.on_step_end(self, step, metrics)
+                    cb.on_step_end(ctx, step, metrics)
                 if step % cfg.log_every == 0 or step == cfg.steps or "eval_loss" in metrics:
                     self._log(metrics)
                 bar.update(step, metrics)
                 if cfg.save_every and step % cfg.save_every == 0:
                     save_checkpoint(self.ckpt_root / f"step-{step}", self.dm, self.adapter, self.opt, self.sched,
-                                    dict(state))
+                                    dict(state), {k: st for k, cb in self._hook_keys() if (st := cb.state_dict())})
                     prune_checkpoints(self.ckpt_root, cfg.keep_checkpoints)
         self.dm.eval()
         save_adapter(self.dm, self.adapter, self.output)
@@ -314,8 +341,6 @@ class Trainer:
             f.write(json.dumps(metrics) + "\n")
 
     def _plot(self) -> None:
-        from .plots import plot_loss_curve
-
         if self.metrics_file.exists():
             plot_loss_curve(self.metrics_file, self.output / "loss.png")
 
