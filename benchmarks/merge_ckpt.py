@@ -136,7 +136,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 def compare(a: Path, b: Path) -> tuple[float, int, int]:
     """Max |a - b| over all tensors (read one at a time), the number of differing entries, the tensor count."""
-    from deltatune.merge.checkpoint import Checkpoint
+    from deltatune.merge.shards import Checkpoint
 
     ca, cb = Checkpoint(a), Checkpoint(b)
     if set(ca.tensors) != set(cb.tensors):

@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 import deltatune as dt
 from deltatune.cli import app
 from deltatune.merge import executor, ops
-from deltatune.merge.checkpoint import Checkpoint
 from deltatune.merge.executor import MergeInputError, merge
 from deltatune.merge.recipe import RecipeError, evaluate, layer_positions, load_recipe, parse_setting
+from deltatune.merge.shards import Checkpoint
 from tiny_models import tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -476,7 +476,7 @@ def test_a_disk_too_small_is_refused_up_front(zoo, tmp_path, monkeypatch):
 
 
 def test_a_disk_that_fills_up_mid_merge_fails_cleanly_and_leaves_nothing(zoo, tmp_path, monkeypatch):
-    from deltatune.merge import checkpoint
+    from deltatune.merge import shards as checkpoint
 
     real, calls = checkpoint.ShardWriter.write, []
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import methods  # noqa: F401  (importing it registers every built-in method)
 from ._version import __version__ as __version__
-from .core.compose import Average, Block, Fuse, Parallel, Split, Stack
+from .core.blocks import Average, Block, Fuse, Parallel, Split, Stack
 from .core.config import DeltaConfig
 from .core.delta import Delta, MergeError, ModuleCopy
 from .core.model import DeltaModel, owner_of

@@ -322,8 +322,8 @@ def serve(
     Example: deltatune serve --model smollm2-135m --adapters runs/ --port 8000
     """
     try:
+        from .serve.adapter_cache import AdapterError
         from .serve.app import Limits
-        from .serve.registry import AdapterError
         from .serve.server import serve as run
     except ImportError as e:
         _fail(ValueError(f"deltatune serve needs FastAPI and uvicorn: pip install 'deltatune[serve]' ({e})"))

@@ -1,6 +1,6 @@
 """A composition block bound to one DeltaModel: checked (:func:`compose`), held by its SiteState, called by Sites.
 
-The blocks and their semantics are in ``core/compose.py``. Here: the per-site evaluation context, the check
+The blocks and their semantics are in ``core/blocks.py``. Here: the per-site evaluation context, the check
 against the model (names, fusions, input-level adapters, module copies), the weights a composition merges
 with, and the positions a ``Split`` needs (a pre-hook on the wrapped model reads the KV cache length).
 """
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from . import kv
-from .compose import Average, Block, Fuse, Split, Stack
+from .blocks import Average, Block, Fuse, Split, Stack
 from .delta import MergeError
 
 if TYPE_CHECKING:

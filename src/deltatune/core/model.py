@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kv
-from .compose import Block
+from .blocks import Block
 from .composition import Composition, compose
 from .config import DeltaConfig
 from .delta import Delta, MergeError, ModuleCopy
@@ -271,7 +271,7 @@ class DeltaModel(nn.Module):
     def activate(self, names: str | list[str] | Block) -> None:
         """Make one adapter, or several at once (applied one after another, as ``dt.Stack``), the active ones; or
         activate a composition block (``dt.Stack``, ``dt.Parallel``, ``dt.Average``, ``dt.Fuse``, ``dt.Split``,
-        see ``core/compose.py``)."""
+        see ``core/blocks.py``)."""
         if isinstance(names, Block):
             self._set_composition(compose(self, names))
             return

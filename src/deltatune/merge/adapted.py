@@ -29,7 +29,7 @@ from ..core.delta import Delta, check_finite
 from ..core.targeting import select
 from ..io.adapter import AdapterFileError, read_config, read_weights
 from ..models import meta_model
-from .checkpoint import Checkpoint
+from .shards import Checkpoint
 
 
 def _empty_copy(module: nn.Module) -> nn.Module:

@@ -47,8 +47,8 @@ from torch import Tensor
 from ..core.delta import MergeError
 from . import ops
 from .adapted import AdapterOnRead
-from .checkpoint import INDEX, SINGLE, Checkpoint, ShardWriter, TensorInfo, shard_plan
 from .recipe import ModelRef, Recipe, layer_positions, load_recipe
+from .shards import INDEX, SINGLE, Checkpoint, ShardWriter, TensorInfo, shard_plan
 from .sparsify import magnitude_cutoff
 
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

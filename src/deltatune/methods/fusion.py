@@ -9,7 +9,7 @@ A fusion is an adapter of its own, so it adds, trains, counts, saves (safetensor
 fused adapters' names are in its config) and loads like any other: load the fused adapters first, then the
 fusion. It has a :class:`FusionDelta` at every module where one of its adapters has a delta, and works only
 inside a ``dt.Fuse`` block (activating it alone, or routing rows to it, raises), which calls
-:meth:`FusionDelta.fuse` with the adapters' contributions there (see ``core/compose.py``).
+:meth:`FusionDelta.fuse` with the adapters' contributions there (see ``core/blocks.py``).
 
 As in AdapterHub's ``adapters`` library (the paper's reference code), keys and values take each adapter's
 contribution ``c_i = a_i(h) - h`` (for a bottleneck adapter its up-projection output; for LoRA ``dW_i x``),

@@ -1,6 +1,6 @@
 """Many adapters, one base: an OpenAI-compatible server with cross-adapter batching (needs the ``serve`` extra).
 
-- :mod:`.registry`: adapters are sub-folders of one directory, loaded on demand, LRU-evicted by count and bytes;
+- :mod:`.adapter_cache`: adapters are sub-folders of one directory, loaded on demand, LRU-evicted by count and bytes;
 - :mod:`.engine`: one worker thread, dynamic and continuous batching with per-row adapter routing;
 - :mod:`.app`: the FastAPI app (completions, chat, streaming, models, adapter load/unload, health, metrics);
 - :mod:`.server`: build the app from a model and run it (``deltatune serve``).
@@ -10,9 +10,9 @@ Only the registry, engine and rows import nothing beyond torch and transformers;
 
 from __future__ import annotations
 
+from .adapter_cache import AdapterError, AdapterRegistry
 from .engine import Engine
 from .metrics import Metrics
-from .registry import AdapterError, AdapterRegistry
 from .rows import Event, GenRequest
 
 __all__ = ["AdapterError", "AdapterRegistry", "Engine", "Event", "GenRequest", "Metrics", "build_app", "serve"]

@@ -28,8 +28,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas as S
+from .adapter_cache import AdapterError
 from .engine import Engine
-from .registry import AdapterError
 from .rows import Event, GenRequest
 from .schemas import APIError
 

@@ -36,8 +36,8 @@ import torch
 from ..core import kv
 from ..core.model import DeltaModel
 from . import kvcache
+from .adapter_cache import AdapterError, AdapterRegistry, CacheFull
 from .metrics import Metrics
-from .registry import AdapterError, AdapterRegistry, CacheFull
 from .rows import Event, GenRequest, Row, choose
 
 log = logging.getLogger("deltatune.serve")

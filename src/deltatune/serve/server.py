@@ -17,10 +17,10 @@ from torch import nn
 
 from ..core.model import DeltaModel
 from ..models import load_pretrained
+from .adapter_cache import AdapterRegistry
 from .app import Limits, create_app
 from .engine import Engine
 from .metrics import Metrics
-from .registry import AdapterRegistry
 
 API_KEY_ENV = "DELTATUNE_API_KEY"
 log = logging.getLogger("deltatune.serve")
