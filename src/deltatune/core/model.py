@@ -8,7 +8,6 @@ so a failing ``add``/``load``/``merge``/``delete`` leaves the model exactly as i
 from __future__ import annotations
 
 import contextlib
-import inspect
 import re
 import warnings
 import weakref
@@ -18,11 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import kv
 from .blocks import Block
 from .composition import Composition, compose
 from .config import DeltaConfig
 from .delta import Delta, MergeError, ModuleCopy
+from .inputs import InputHook
 from .registry import config
 from .site import Site, SiteState
 from .targeting import select, select_saved
@@ -126,7 +125,7 @@ class DeltaModel(nn.Module):
         """Find the sites that hold input-level deltas; the pre-hook exists exactly while there are some."""
         self._input_sites = [s for _, s in self.sites() if any(d.input_level for d in s.deltas.values())]
         if self._input_sites and self._input_hook is None:
-            self._input_hook = self.model.register_forward_pre_hook(_InputHook(self), with_kwargs=True)
+            self._input_hook = self.model.register_forward_pre_hook(InputHook(self), with_kwargs=True)
         elif not self._input_sites and self._input_hook is not None:
             self._input_hook.remove()
             self._input_hook = None
@@ -465,41 +464,6 @@ def _store(op: str) -> Callable[..., Any]:
         return _STORE[op]
     except KeyError:
         raise RuntimeError("no adapter file format is registered: import deltatune (deltatune.io.adapter)") from None
-
-
-class _InputHook:
-    """The wrapped model's forward pre-hook: the active input-level delta rewrites the forward's arguments.
-
-    Holds the DeltaModel weakly (the model must not keep its DeltaModel alive, nor copy it when deep-copied).
-    """
-
-    def __init__(self, dm: DeltaModel):
-        self.dm = weakref.ref(dm)
-        self._params: list[str] | None = None
-        self._cache_name: str | None = None
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
-        dm = self.dm()
-        found = dm._active_input() if dm is not None else None
-        if found is None:
-            return None
-        site, delta = found
-        if args:  # positional arguments by the forward's parameter names
-            if self._params is None:
-                self._params = [n for n, p in inspect.signature(module.forward).parameters.items()
-                                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            if len(args) > len(self._params):
-                raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional arguments")
-            kwargs = {**dict(zip(self._params, args)), **kwargs}
-        # the delta sees the cache as inputs["cache"] whatever this transformers calls it; the model gets its own name
-        inputs = {k: v for k, v in kwargs.items() if k not in kv.NAMES}
-        inputs = delta.prepare_inputs({**inputs, "cache": kv.cache_of(kwargs)}, site)
-        cache = inputs.pop("cache")
-        if cache is not None:
-            if self._cache_name is None:
-                self._cache_name = kv.cache_name(module)
-            inputs[self._cache_name] = cache
-        return (), inputs
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
