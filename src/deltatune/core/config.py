@@ -93,6 +93,38 @@ class DeltaConfig(BaseModel):
         """
         return {path: self.make_delta(m, path) for path, m in modules.items()}
 
+    # -- what other layers need to know about the saved tensors (combining, compressing) -------------------
+    # A saved tensor's parameter name (its key after the module path: "lora_B.weight", "ia3_l"; "adapter_down.*"
+    # stands for every parameter under adapter_down) -> its role when adapters are combined (merge/combine.py):
+    #   "delta"      the update is linear in it (LoRA's B, a bias shift, an up-projection): combined with the
+    #                signed weights, so a weight of -1 negates the adapter;
+    #   "factor"     the partner of a delta tensor (LoRA's A, a down-projection): combined with |weights|;
+    #   "scale"      a multiplicative scale whose identity is 1 (SSF's scale): 1 + sum_i w_i (x_i - 1);
+    #   "log_scale"  a scale combined in log space by default (IA3's vectors): exp(sum_i w_i log x_i).
+    # A tensor with no role is a whole parameter (a saved module, a norm, a prompt): averaged, never negated.
+    tensor_roles: ClassVar[dict[str, str]] = {}
+    # The (A, B) parameter-name pairs of a plain low-rank update dW = s B A with a per-module scale ``scaling(path)``
+    # (LoRA, DoRA): combine's exact rank-concatenation and SVD combinations and rank truncation work on these.
+    low_rank_pairs: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # Whether the update is a product of small factors (the delta/factor tensors): ComPEFT and DARE compress those.
+    factorised: ClassVar[bool] = False
+    # Config fields that may differ between adapters combined together (they do not change what the tensors mean,
+    # or the tensors' shapes say it), beyond the targeting and init fields every method has.
+    combine_loose: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def tensor_role(cls, key: str) -> tuple[str | None, str | None]:
+        """``(role, parameter name)`` of saved tensor ``key`` (a full key, module path included) by
+        :attr:`tensor_roles`, the longest matching name first; ``(None, None)`` for a whole parameter."""
+        bits = key.split(".")
+        for i in range(len(bits)):
+            name = ".".join(bits[i:])
+            if name in cls.tensor_roles:
+                return cls.tensor_roles[name], name
+            if i < len(bits) - 1 and (star := ".".join([*bits[i:-1], "*"])) in cls.tensor_roles:
+                return cls.tensor_roles[star], name
+        return None, None
+
     # -- a config made of other configs (a union: several methods as one adapter) ---------------------
     composite: ClassVar[bool] = False  # True when build() composes other configs' deltas (not per module)
 

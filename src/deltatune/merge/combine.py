@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,22 +54,15 @@ from ..core.config import DeltaConfig
 from ..core.targeting import matches
 from ..io.adapter import adapter_blob, config_dict, read_config, read_weights, write_adapter_folder
 from . import ops
-from .combine_lora import LORA_KEYS, average, combine_lora, work
+from .combine_lora import average, combine_lora, whole_tensors, work
 
 REPORT_NAME = "combine_report.json"
 COMBINATIONS = ("cat", "svd", "params")
 
-# what each saved tensor is, by the end of its key (see the module docstring)
-_SIGNED = re.compile(r"(lora_B(\.weight)?|lora_embedding_B|adapter_up\.(weight|bias|W_right)|bitfit_bias|ssf_shift"
-                     r"|vera_lambda_b|sparse_ft_values|hada_w1_a|lokr_w1|lokr_w1_a|mora_M|fourierft_spectrum"
-                     r"|oft_R\.weight|boft_R)$")
-_PARTNER = re.compile(r"(lora_A(\.weight)?|lora_embedding_A|lora_E|adapter_down\.\w+|adapter_up\.(phm_rule|W_left)"
-                      r"|vera_lambda_d|hada_w1_b|hada_w2_a|hada_w2_b|lokr_w2|lokr_w2_a|lokr_w2_b|lokr_w1_b)$")
-_SCALE = re.compile(r"(ia3_l|ssf_scale|boft_s)$")
-# config fields that may differ between adapters (they do not change what the tensors mean, or shapes tell)
+# config fields any two adapters may differ in (targeting is checked by the tensors, init does not change meaning);
+# a method adds its own in its Config's ``combine_loose``; what each tensor is comes from its ``tensor_roles``
 _LOOSE = {"targets", "exclude", "layers", "layers_pattern", "modules_to_save", "adapter_dtype", "dropout", "init",
-          "init_weights", "d_initial", "feedforward_modules"}
-_LORA_LOOSE = {"r", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "freeze_a"}
+          "init_weights"}
 
 
 @dataclass
@@ -148,16 +140,17 @@ def combine(adapters: Sequence[str | os.PathLike], weights: Sequence[float], met
     ads = [_read(f, allow_pickle) for f in folders]
     _check_compatible(ads)
     first = ads[0]
-    lora = first.cfg.type in ("lora", "dora")
+    lora = bool(first.cfg.low_rank_pairs)  # a plain s B A update (LoRA, DoRA): exact rank-level combinations
     if combination is None and lora:
         exact = method in ("linear", "task_arithmetic")
-        combination = "params" if getattr(first.cfg, "use_dora", False) else "cat" if exact else "svd"
+        combination = "params" if whole_tensors(first.cfg, first.delta) else "cat" if exact else "svd"
     if combination is not None and not lora:
         raise ValueError(f"combination={combination!r} is for LoRA adapters; {first.cfg.type} adapters combine "
                          f"parameter by parameter (combination=None)")
     if rank is not None and combination != "svd":
         raise ValueError("rank applies to combination='svd' only")
-    if not lora and min(weights) < 0 and not any(_SIGNED.search(k) or _SCALE.search(k) for k in first.delta):
+    if not lora and min(weights) < 0 and not any(first.cfg.tensor_role(k)[0] in ("delta", "scale", "log_scale")
+                                                 for k in first.delta):
         raise ValueError(f"{first.cfg.type}: its tensors are whole parameters, not deltas: negative weights (negation) "
                          f"mean nothing here; use non-negative weights (averaging)")
     report: dict[str, Any] = {"adapters": [str(f) for f in folders], "weights": weights, "method": method,
@@ -204,16 +197,15 @@ def _read(folder: Path, allow_pickle: bool) -> _Adapter:
     return _Adapter(folder, cfg, delta, saved)
 
 
-def _module_of(key: str) -> str:
+def _module_of(cfg: DeltaConfig, key: str) -> str:
     """The module path in a tensor key, for messages (the part before the method's parameter name)."""
-    m = re.search(r"\.(lora_|adapter_|ia3_|ssf_|bitfit_|vera_|hada_|lokr_|mora_|fourierft_|oft_|boft_|sparse_ft_"
-                  r"|ln_tuning_)", key)
-    return key[:m.start()] if m else key.rsplit(".", 1)[0]
+    name = cfg.tensor_role(key)[1]
+    return key[: -len(name) - 1] if name else key.rsplit(".", 1)[0]
 
 
 def _check_compatible(ads: list[_Adapter]) -> None:
     first = ads[0]
-    loose = _LOOSE | (_LORA_LOOSE if first.cfg.type in ("lora", "dora") else set())
+    loose = _LOOSE | first.cfg.combine_loose
     base = first.cfg.to_dict()
     for a in ads[1:]:
         if a.cfg.type != first.cfg.type:
@@ -226,8 +218,8 @@ def _check_compatible(ads: list[_Adapter]) -> None:
                                  f"{other.get(k)!r}; adapters to combine must share it")
         only0, only1 = sorted(set(first.delta) - set(a.delta)), sorted(set(a.delta) - set(first.delta))
         if only0 or only1:
-            m0 = sorted({_module_of(k) for k in only0})[:5]
-            m1 = sorted({_module_of(k) for k in only1})[:5]
+            m0 = sorted({_module_of(first.cfg, k) for k in only0})[:5]
+            m1 = sorted({_module_of(first.cfg, k) for k in only1})[:5]
             raise ValueError(f"different target modules: only {first.folder} adapts {m0}, only {a.folder} adapts {m1}")
         for k, t0 in first.delta.items():
             t = a.delta[k]
@@ -235,21 +227,23 @@ def _check_compatible(ads: list[_Adapter]) -> None:
             if fixed and not (t.shape == t0.shape and torch.equal(t, t0)):
                 raise ValueError(f"{k}: {a.folder} and {first.folder} differ in this fixed tensor (shared projections "
                                  f"or indices must be identical to combine)")
-            lora_rank_dim = first.cfg.type in ("lora", "dora") and k.endswith(LORA_KEYS)
+            lora_rank_dim = any(k.endswith("." + n) for pair in first.cfg.low_rank_pairs for n in pair)
             if not lora_rank_dim and t.shape != t0.shape:
-                raise ValueError(f"module {_module_of(k)!r}: {k} has shape {tuple(t0.shape)} in {first.folder} but "
+                raise ValueError(f"module {_module_of(first.cfg, k)!r}: {k} has shape {tuple(t0.shape)} in {first.folder} but "
                                  f"{tuple(t.shape)} in {a.folder}")
 
 
 # -- combining ---------------------------------------------------------------------------------------
-def _combine_tensor(key: str, ts: list[Tensor], weights: list[float], merge: Merger, ia3_space: str) -> Tensor:
+def _combine_tensor(cfg: DeltaConfig, key: str, ts: list[Tensor], weights: list[float], merge: Merger,
+                    ia3_space: str) -> Tensor:
     xs = [work(t) for t in ts]
-    if _SIGNED.search(key):
+    role = cfg.tensor_role(key)[0]
+    if role == "delta":
         res = merge(xs, weights)
-    elif _PARTNER.search(key):
+    elif role == "factor":
         res = merge(xs, [abs(w) for w in weights])
-    elif _SCALE.search(key):
-        if key.endswith("ia3_l") and ia3_space == "log":
+    elif role in ("scale", "log_scale"):
+        if role == "log_scale" and ia3_space == "log":
             if any((x <= 0).any() for x in xs):
                 raise ValueError(f"{key}: IA3 scales <= 0 have no logarithm; use ia3_space='linear'")
             res = merge([x.log() for x in xs], weights).exp()
@@ -266,7 +260,7 @@ def _combine_params(ads: list[_Adapter], weights: list[float], merge: Merger, ia
         if k in first.cfg.shared_keys or not t0.is_floating_point():
             out[k] = t0
         else:
-            out[k] = _combine_tensor(k, [a.delta[k] for a in ads], weights, merge, ia3_space)
+            out[k] = _combine_tensor(first.cfg, k, [a.delta[k] for a in ads], weights, merge, ia3_space)
     return out
 
 

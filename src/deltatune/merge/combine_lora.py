@@ -20,10 +20,6 @@ from torch import Tensor
 
 from ..core.config import DeltaConfig
 
-_PAIRS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
-LORA_KEYS = tuple(k for pair in _PAIRS for k in pair)
-_MAGNITUDE = "lora_magnitude_vector"
-
 Item = tuple[Path, DeltaConfig, dict[str, Tensor]]  # (folder, config, tensors) of one adapter
 Merge = Callable[[list[Tensor], list[float]], Tensor]
 
@@ -42,21 +38,23 @@ def average(key: str, ts: list[Tensor], weights: list[float]) -> Tensor:
     return sum(w * work(t) for w, t in zip(weights, ts)) / total
 
 
-def _modules(folder: Path, delta: dict[str, Tensor]) -> dict[str, tuple[str, str]]:
-    """Module path -> (A key, B key) of a LoRA adapter's tensors; anything else in the file is an error."""
+def _modules(folder: Path, cfg: DeltaConfig, delta: dict[str, Tensor]) -> dict[str, tuple[str, str]]:
+    """Module path -> (A key, B key) of a low-rank adapter's tensors (its config's ``low_rank_pairs``); besides them
+    only whole tensors (no role: DoRA's magnitudes) may be in the file."""
     mods = {}
     for k in delta:
-        for a, b in _PAIRS:
-            if k.endswith("." + a) or k.endswith("." + b):
-                mods[k[: k.rindex(".lora_")]] = (a, b)
+        for a, b in cfg.low_rank_pairs:
+            for name in (a, b):
+                if k.endswith("." + name):
+                    mods[k[: -len(name) - 1]] = (a, b)
     for path, (a, b) in mods.items():
         for key in (a, b):
             if f"{path}.{key}" not in delta:
-                raise ValueError(f"{folder}: LoRA module {path!r} has no {key}")
-    known = {f"{p}.{k}" for p, pair in mods.items() for k in (*pair, _MAGNITUDE)}
-    extra = sorted(set(delta) - known)
+                raise ValueError(f"{folder}: {cfg.type} module {path!r} has no {key}")
+    known = {f"{p}.{k}" for p, pair in mods.items() for k in pair}
+    extra = sorted(k for k in set(delta) - known if cfg.tensor_role(k)[0] is not None)
     if extra:
-        raise ValueError(f"{folder}: unexpected tensors in a LoRA adapter: {extra[:5]}")
+        raise ValueError(f"{folder}: unexpected tensors in a {cfg.type} adapter: {extra[:5]}")
     return mods
 
 
@@ -94,16 +92,25 @@ def _cat_weights(method: str, params: dict[str, Any], weights: list[float]) -> l
     return [lam * x for x in w]
 
 
+def whole_tensors(cfg: DeltaConfig, delta: dict[str, Tensor]) -> list[str]:
+    """The keys of a low-rank adapter's tensors outside its (A, B) pairs (DoRA's magnitudes): averaged."""
+    pairs = {n for pair in cfg.low_rank_pairs for n in pair}
+    return sorted(k for k in delta if not any(k.endswith("." + n) for n in pairs))
+
+
 def combine_lora(items: list[Item], weights: list[float], method: str, params: dict[str, Any], merge: Merge,
                  combination: str, rank: int | None) -> tuple[DeltaConfig, dict[str, Tensor], dict[str, dict]]:
     """(config, tensors keyed like ``read_weights``, per-module report) of the combined LoRA adapter."""
     folder0, cfg0, delta0 = items[0]
-    mods = _modules(folder0, delta0)
+    mods = _modules(folder0, cfg0, delta0)
+    whole = whole_tensors(cfg0, delta0)
     for folder, cfg, delta in items:
-        _modules(folder, delta)
-        if cfg.use_dora and combination != "params":
-            raise ValueError(f"{folder}: DoRA is not additive (its magnitude renormalises the whole weight), so "
-                             f"combination={combination!r} cannot be exact; use combination='params' (approximate)")
+        _modules(folder, cfg, delta)
+        if whole_tensors(cfg, delta) and combination != "params":
+            method = type(cfg).__name__.removesuffix("Config")
+            raise ValueError(f"{folder}: {method} is not additive (its whole tensors, {whole_tensors(cfg, delta)[0]!r}"
+                             f", ..., renormalise the weight), so combination={combination!r} cannot be exact; use "
+                             f"combination='params' (approximate)")
     per_module = {}  # path -> (As, Bs, scales)
     for path, (ka, kb) in mods.items():
         As, Bs, scales = [], [], []
@@ -123,8 +130,7 @@ def combine_lora(items: list[Item], weights: list[float], method: str, params: d
         per_module[path] = (As, Bs, scales)
     run = {"cat": _cat, "svd": _svd, "params": _params}[combination]
     cfg, state, report = run(cfg0, mods, per_module, weights, method, params, merge, rank)
-    for path in mods if cfg0.use_dora else ():
-        key = f"{path}.{_MAGNITUDE}"
+    for key in whole:
         state[key] = average(key, [d[key] for _, _, d in items], weights).to(delta0[key].dtype)
     return cfg, state, report
 

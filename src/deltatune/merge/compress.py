@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from ..core.model import DeltaModel, owner_of
-from ..core.registry import config_class
 from ..io.adapter import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -50,11 +49,6 @@ from .extract import truncate_lora
 
 METHODS = ("compeft", "dare", "rank", "int8")
 REPORT_NAME = "compress_report.json"
-
-
-def _is_factor(key: str) -> bool:
-    """A LoRA-family factor (compressed by compeft/dare); DoRA magnitudes and saved modules are not."""
-    return any(p.startswith("lora_") and p != "lora_magnitude_vector" for p in key.split(".")[-2:])
 
 
 def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, method: str, density: float = 0.1,
@@ -80,7 +74,7 @@ def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, meth
     data = json.loads((src / CONFIG_NAME).read_text())
     if "compression" in data:  # compressing a compressed adapter: start from its decoded form
         data["peft_type"] = data.pop("compression").get("peft_type")
-    scaling = cfg.scaling if isinstance(cfg, config_class("lora")) else None  # saved LoRA files hold plain factors
+    scaling = cfg.scaling if cfg.low_rank_pairs else None  # saved LoRA files hold plain factors
 
     if method == "rank":  # a plain smaller LoRA: stored as it loads
         new_cfg, decoded = truncate_lora(cfg, tensors, rank, str(src))
@@ -89,16 +83,16 @@ def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, meth
     else:
         new_cfg = cfg
         stored, entry = encode(tensors, method, density=density, alpha=alpha, seed=seed, per_channel=per_channel,
-                               factors=_is_factor)
+                               factors=lambda k: cfg.factorised and cfg.tensor_role(k)[0] in ("delta", "factor"))
         params = entry["params"]
         if not entry["tensors"]:
-            raise ValueError(f"{src}: no tensor to compress with {method} (it compresses LoRA-family factors "
-                             f"lora_A/lora_B/...; this {cfg.type} adapter has {sorted(tensors)[:3]})")
+            raise ValueError(f"{src}: no tensor to compress with {method} (it compresses the factors of factorised "
+                             f"methods, LoRA's lora_A/lora_B, ...; this {cfg.type} adapter has {sorted(tensors)[:3]})")
         entry["peft_type"] = data.get("peft_type")
         decoded = decode(stored, entry, "(encoded in memory)")
         scaling_new = scaling
     report: dict[str, Any] = {"method": method, "params": params, "adapter": str(src), "out": str(dst)}
-    report.update(delta_change(tensors, decoded, cfg.peft_prefix, scaling, scaling_new))
+    report.update(delta_change(tensors, decoded, cfg.peft_prefix, scaling, scaling_new, cfg.low_rank_pairs))
     # ||theta' - theta|| / ||theta|| over the stored parameters (rank truncation changes their shapes)
     report["param_rel_change"] = None if method == "rank" else _rel([(tensors[k], decoded[k]) for k in tensors])
     if model is not None:
@@ -123,13 +117,14 @@ def _rel(pairs: list[tuple[Tensor, Tensor]]) -> float:
     return math.sqrt(num / den) if den else 0.0
 
 
-def delta_change(old: dict[str, Tensor], new: dict[str, Tensor], prefix: str, scaling, scaling_new) -> dict[str, Any]:
+def delta_change(old: dict[str, Tensor], new: dict[str, Tensor], prefix: str, scaling, scaling_new,
+                 factor_pairs: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
     """``||dW' - dW||_F / ||dW||_F`` over all LoRA modules (``dW = s B A``), and the worst module's."""
     if scaling is None:
         return {"delta_rel_change": None, "delta_rel_change_max": None}
     pairs, worst = [], 0.0
     for key in sorted(old):
-        for a_name, b_name in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+        for a_name, b_name in factor_pairs:
             if not key.endswith("." + a_name):
                 continue
             stem = key[: -len(a_name)]
@@ -179,4 +174,4 @@ def compare_outputs(model: str | os.PathLike | nn.Module, src: Path, new_cfg, ne
 
 def _changed(cfg) -> dict[str, Any]:
     """The fields rank truncation changes (applied to the config as loaded on the model)."""
-    return {"r": cfg.r, "rank_pattern": cfg.rank_pattern} if isinstance(cfg, config_class("lora")) else {}
+    return {"r": cfg.r, "rank_pattern": cfg.rank_pattern} if cfg.low_rank_pairs else {}

@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from .._version import __version__
 from ..core.config import DeltaConfig, TargetSpec
 from ..core.registry import config as method_config
-from ..core.registry import config_class
 from ..core.targeting import ALL_LINEAR, is_linear, select
 from ..io.adapter import FORMAT_VERSION, WEIGHTS_NAME, adapter_blob, exact_targets, write_adapter_folder
 from ..models import meta_model, resolve_model_path
@@ -228,11 +227,11 @@ def truncate_lora(cfg: DeltaConfig, tensors: dict[str, Tensor], rank: int,
     (alpha unchanged, r -> min(r, k)); modules already at rank <= k stay exact. Returns the new config and
     tensors (other tensors, e.g. DoRA magnitudes, unchanged).
     """
-    if not isinstance(cfg, config_class("lora")):  # LoRA or DoRA
+    if not cfg.low_rank_pairs:  # LoRA or DoRA
         raise ValueError(f"{where}: rank truncation needs a LoRA adapter; this is a {cfg.type!r} adapter")
     pairs = {}
     for key in tensors:
-        for a_name, b_name in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+        for a_name, b_name in cfg.low_rank_pairs:
             stem = key[: -len(a_name)]
             if key.endswith("." + a_name) and stem + b_name in tensors:
                 pairs[stem[:-1].removeprefix(cfg.peft_prefix)] = (key, stem + b_name)

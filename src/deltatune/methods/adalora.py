@@ -79,6 +79,8 @@ class AdaLoRAConfig(DeltaConfig):
     """
 
     type: ClassVar[str] = "adalora"
+    tensor_roles: ClassVar[dict[str, str]] = {"lora_A": "factor", "lora_E": "factor", "lora_B": "delta"}
+    factorised: ClassVar[bool] = True
     peft_type: ClassVar[str] = "ADALORA"
 
     init_r: int = Field(12, gt=0)

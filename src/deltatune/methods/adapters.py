@@ -88,6 +88,9 @@ class _BottleneckConfig(DeltaConfig):
     """
 
     default_targets: ClassVar[str] = rf"(?:.*\.)?(?:{_ATTN_OUT}|{_FFN_OUT})"
+    tensor_roles: ClassVar[dict[str, str]] = {  # the up-projection carries the sign (Zhang et al. 2023)
+        "adapter_up.weight": "delta", "adapter_up.bias": "delta", "adapter_up.W_right": "delta",
+        "adapter_up.W_left": "factor", "adapter_up.phm_rule": "factor", "adapter_down.*": "factor"}
     reduction_factor: float = Field(16.0, gt=0)
     bottleneck_size: int | None = Field(None, gt=0)
     non_linearity: Activation = "swish"

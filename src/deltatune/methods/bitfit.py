@@ -126,6 +126,7 @@ class BitFitConfig(DeltaConfig):
     """BitFit: only biases train. ``include_norms`` also trains the biases of LayerNorm-style layers."""
 
     type: ClassVar[str] = "bitfit"
+    tensor_roles: ClassVar[dict[str, str]] = {"bitfit_bias": "delta"}
     include_norms: bool = False
 
     @property

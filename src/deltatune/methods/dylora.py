@@ -47,6 +47,8 @@ class DyLoRAConfig(DeltaConfig):
     """
 
     type: ClassVar[str] = "dylora"
+    tensor_roles: ClassVar[dict[str, str]] = {"lora_A.weight": "factor", "lora_B.weight": "delta"}
+    factorised: ClassVar[bool] = True
 
     r: int = Field(8, gt=0)
     r_min: int = Field(1, gt=0)

@@ -45,6 +45,7 @@ class FourierFTConfig(DeltaConfig):
     matching: a key matches a module whose path ends with ``.<key>`` as a regex, or equals it)."""
 
     type: ClassVar[str] = "fourierft"
+    tensor_roles: ClassVar[dict[str, str]] = {"fourierft_spectrum": "delta"}
     peft_type: ClassVar[str] = "FOURIERFT"
 
     n_frequency: int = Field(1000, gt=0)

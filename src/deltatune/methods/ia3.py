@@ -52,6 +52,8 @@ class IA3Config(DeltaConfig):
     ``None``: PEFT's per-architecture defaults)."""
 
     type: ClassVar[str] = "ia3"
+    tensor_roles: ClassVar[dict[str, str]] = {"ia3_l": "log_scale"}
+    combine_loose: ClassVar[frozenset[str]] = frozenset({"feedforward_modules"})
     peft_type: ClassVar[str] = "IA3"
     default_targets: ClassVar[list[str]] = DEFAULT_TARGETS
 

@@ -66,6 +66,13 @@ class LoRAConfig(DeltaConfig):
     """LoRA family. ``r`` rank, ``alpha`` scale numerator, ``rank_pattern``/``alpha_pattern`` per module (regex)."""
 
     type: ClassVar[str] = "lora"
+    tensor_roles: ClassVar[dict[str, str]] = {"lora_A.weight": "factor", "lora_B.weight": "delta",
+                                              "lora_embedding_A": "factor", "lora_embedding_B": "delta"}
+    low_rank_pairs: ClassVar[tuple[tuple[str, str], ...]] = (("lora_A.weight", "lora_B.weight"),
+                                                             ("lora_embedding_A", "lora_embedding_B"))
+    factorised: ClassVar[bool] = True
+    combine_loose: ClassVar[frozenset[str]] = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern", "use_rslora",
+                                                         "freeze_a"})
     peft_type: ClassVar[str] = "LORA"
 
     r: int = Field(8, gt=0)

@@ -168,6 +168,8 @@ class LoHaConfig(_LycorisConfig):
     """LoHa: ``dW = alpha/r * (W1a W1b) ⊙ (W2a W2b)``. ``init_weights=False`` gives a random (non-identity) start."""
 
     type: ClassVar[str] = "loha"
+    tensor_roles: ClassVar[dict[str, str]] = {"hada_w1_a": "delta", "hada_w1_b": "factor", "hada_w2_a": "factor",
+                                              "hada_w2_b": "factor"}
     peft_type: ClassVar[str] = "LOHA"
 
     init_weights: bool = True
@@ -251,6 +253,8 @@ class LoKrConfig(_LycorisConfig):
     False (random, non-identity)."""
 
     type: ClassVar[str] = "lokr"
+    tensor_roles: ClassVar[dict[str, str]] = {"lokr_w1": "delta", "lokr_w1_a": "delta", "lokr_w1_b": "factor",
+                                              "lokr_w2": "factor", "lokr_w2_a": "factor", "lokr_w2_b": "factor"}
     peft_type: ClassVar[str] = "LOKR"
 
     decompose_both: bool = False

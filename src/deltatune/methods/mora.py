@@ -56,6 +56,7 @@ class MoRAConfig(DeltaConfig):
     for large r), ``dropout`` on the input of the update, ``init="random"`` a non-zero M (for tests)."""
 
     type: ClassVar[str] = "mora"
+    tensor_roles: ClassVar[dict[str, str]] = {"mora_M": "delta"}
 
     r: int = Field(8, gt=0)
     mora_type: Literal["rope", "sharing"] = "rope"

@@ -140,6 +140,7 @@ class OFTConfig(DeltaConfig):
     not divide a layer's input width is adjusted to the nearest divisor with a warning, as PEFT does."""
 
     type: ClassVar[str] = "oft"
+    tensor_roles: ClassVar[dict[str, str]] = {"oft_R.weight": "delta"}
     peft_type: ClassVar[str] = "OFT"
 
     r: int = Field(0, ge=0)
@@ -328,6 +329,7 @@ class BOFTConfig(DeltaConfig):
     ``boft_n_butterfly_factor`` m (default 1: plain block-diagonal OFT with the exact Cayley transform)."""
 
     type: ClassVar[str] = "boft"
+    tensor_roles: ClassVar[dict[str, str]] = {"boft_R": "delta", "boft_s": "scale"}
     peft_type: ClassVar[str] = "BOFT"
 
     boft_block_size: int = Field(4, ge=0)

@@ -54,6 +54,7 @@ class SparseFTConfig(DeltaConfig):
     """Sparse fine-tuning: ``density`` of each target weight trains, at positions chosen by ``mask``."""
 
     type: ClassVar[str] = "sparse_ft"
+    tensor_roles: ClassVar[dict[str, str]] = {"sparse_ft_values": "delta"}
     default_targets: ClassVar[str] = "all-linear"
 
     density: float = Field(0.01, gt=0.0, le=1.0)

@@ -43,6 +43,7 @@ class SSFConfig(DeltaConfig):
     """SSF: a per-feature scale and shift after each target module."""
 
     type: ClassVar[str] = "ssf"
+    tensor_roles: ClassVar[dict[str, str]] = {"ssf_shift": "delta", "ssf_scale": "scale"}
     default_targets: ClassVar[str] = "all-linear"
 
     def supports(self, module: nn.Module) -> bool:

@@ -58,6 +58,8 @@ class VeRAConfig(DeltaConfig):
     ``d_initial`` the initial value of lambda_d, ``dropout`` on the input of the update."""
 
     type: ClassVar[str] = "vera"
+    tensor_roles: ClassVar[dict[str, str]] = {"vera_lambda_b": "delta", "vera_lambda_d": "factor"}
+    combine_loose: ClassVar[frozenset[str]] = frozenset({"d_initial"})
     peft_type: ClassVar[str] = "VERA"
     shared_keys: ClassVar[tuple[str, ...]] = (KEY_A, KEY_B)
 
