@@ -151,13 +151,31 @@ class DeltaConfig(BaseModel):
         if tensors:
             raise KeyError(f"{type(self).__name__} saves no shared tensors, but the file has {sorted(tensors)}")
 
+    # -- the PEFT format: what is particular to this method; io/peft.py maps the rest, both ways --------
+    peft_saved_as: ClassVar[str | None] = None  # the peft_type written, when not peft_type (DoRA: "LORA")
+    peft_fields: ClassVar[dict[str, str]] = {}  # deltatune field -> PEFT key, copied both ways (null: the default)
+    peft_constants: ClassVar[dict[str, Any]] = {}  # PEFT keys written with a fixed value ("fan_in_fan_out": False)
+    peft_layers: ClassVar[bool] = True  # PEFT's config has layers_to_transform / layers_pattern
+    peft_prompt_learning: ClassVar[bool] = False  # PEFT's prompt-learning layout: no target_modules, task_type
+
+    def peft_extra(self) -> dict[str, Any]:
+        """PEFT keys computed from the config (beyond ``peft_fields`` and ``peft_constants``); most methods: none."""
+        return {}
+
+    @classmethod
+    def peft_extra_in(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Fields computed from a PEFT config, and checks that refuse what deltatune cannot represent (raise a
+        ValueError saying what); applied after the plain ``peft_fields`` copies. Most methods: none."""
+        return {}
+
     def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        """The PEFT-format ``adapter_config.json`` fields, for exactly ``target_modules``."""
-        raise NotImplementedError(f"{type(self).__name__} has no PEFT-format equivalent")
+        """The PEFT-format ``adapter_config.json`` fields, for exactly ``target_modules`` (io/peft.py)."""
+        return _PEFT["to"](self, target_modules)
 
     @classmethod
     def from_peft(cls, data: dict[str, Any]) -> DeltaConfig:
-        raise NotImplementedError(f"{cls.__name__} cannot read PEFT-format configs")
+        """The config a PEFT-format ``adapter_config.json`` describes (io/peft.py)."""
+        return _PEFT["from"](cls, data)
 
     def for_model(self, model: nn.Module) -> DeltaConfig:
         """This config with the fields that depend on the model filled in (and checked against it), before any
@@ -195,3 +213,12 @@ class DeltaConfig(BaseModel):
             )
             data = {k: v for k, v in data.items() if k not in unknown}
         return cls(**data)
+
+
+# The PEFT format is io's business: io/peft.py registers its mapper here when imported (importing deltatune does).
+_PEFT: dict[str, Callable[..., Any]] = {}
+
+
+def register_peft_mapper(to_peft: Callable[..., dict[str, Any]], from_peft: Callable[..., DeltaConfig]) -> None:
+    """Install the functions behind :meth:`DeltaConfig.to_peft` and :meth:`DeltaConfig.from_peft`."""
+    _PEFT.update({"to": to_peft, "from": from_peft})

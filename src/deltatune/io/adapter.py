@@ -34,6 +34,7 @@ from ..core.delta import Delta
 from ..core.model import register_store
 from ..core.registry import available_methods, config_class
 from ..core.targeting import exact_targets, iter_modules, matches, select
+from . import peft as _peft  # noqa: F401  (registers the PEFT mapper behind DeltaConfig.to_peft / from_peft)
 from .codec import decode_folder
 from .folder import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, AdapterFileError
 

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.hooks import TrainingContext, TrainingHook
+from ..core.modules import out_in
 from ..core.registry import register
 from ..core.targeting import is_linear
 from .adalora_budget import RankAllocator, cubic_budget, orthogonal_regularizer  # noqa: F401  (re-exported)
@@ -82,6 +83,13 @@ class AdaLoRAConfig(DeltaConfig):
     tensor_roles: ClassVar[dict[str, str]] = {"lora_A": "factor", "lora_E": "factor", "lora_B": "delta"}
     factorised: ClassVar[bool] = True
     peft_type: ClassVar[str] = "ADALORA"
+    peft_fields: ClassVar[dict[str, str]] = {
+        "init_r": "init_r", "target_r": "target_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+        "rank_pattern": "rank_pattern", "tinit": "tinit", "tfinal": "tfinal", "deltaT": "deltaT", "beta1": "beta1",
+        "beta2": "beta2", "orth_reg_weight": "orth_reg_weight"}
+    peft_constants: ClassVar[dict[str, Any]] = {
+        "r": 8, "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "alpha_pattern": {}}
 
     init_r: int = Field(12, gt=0)
     target_r: int = Field(8, ge=0)
@@ -125,48 +133,24 @@ class AdaLoRAConfig(DeltaConfig):
         return [AdaLoRAHook(dm, name)]
 
     # -- PEFT format ---------------------------------------------------------------------------
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
+    def peft_extra(self) -> dict[str, Any]:
         total = self.total_step if self.total_step is not None else self.tinit + self.tfinal + 1  # PEFT needs one
-        return {
-            "peft_type": "ADALORA", "task_type": None, "r": 8, "init_r": self.init_r, "target_r": self.target_r,
-            "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": target_modules,
-            "exclude_modules": None, "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
-            "use_dora": False, "modules_to_save": self.modules_to_save, "init_lora_weights": True,
-            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": self.rank_pattern,
-            "alpha_pattern": {}, "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.deltaT,
-            "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
-            "total_step": total, "inference_mode": True, "base_model_name_or_path": None, "revision": None,
-        }
+        return {"total_step": total}
 
     @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> AdaLoRAConfig:
-        if d.get("bias", "none") != "none":
-            raise ValueError(f"AdaLoRA with bias={d['bias']!r} (trained biases) is not supported; only bias='none'")
+    def peft_extra_in(cls, d: dict[str, Any]) -> dict[str, Any]:
         if d.get("rank_pattern") and not all(isinstance(v, list) for v in d["rank_pattern"].values()):
             raise ValueError("AdaLoRA rank_pattern values must be lists of booleans (one per initial triplet)")
-        init_r = d.get("init_r", 12)
-        alpha = d.get("lora_alpha", 8) or init_r  # PEFT: alpha 0 means alpha = r
         pattern = None
         if d.get("rank_pattern"):
             pattern = {}
             for k, v in d["rank_pattern"].items():  # "<path>.lora_E", or with the adapter name still attached
                 path = k[: -len(".lora_E")] if k.endswith(".lora_E") else k.split(".lora_E.")[0]
                 pattern[f"{path}.lora_E"] = [bool(x) for x in v]
-        layers = d.get("layers_to_transform")
-        lp = d.get("layers_pattern")
-        targets = d.get("target_modules")
-        total = d.get("total_step")
-        return cls(
-            init_r=init_r, target_r=d.get("target_r", 8), alpha=alpha, dropout=d.get("lora_dropout", 0.0) or 0.0,
-            tinit=d.get("tinit", 0), tfinal=d.get("tfinal", 0), deltaT=d.get("deltaT", 1),
-            beta1=d.get("beta1", 0.85), beta2=d.get("beta2", 0.85), orth_reg_weight=d.get("orth_reg_weight", 0.5),
-            total_step=total if total and d.get("tinit", 0) < total - d.get("tfinal", 0) else None,
-            rank_pattern=pattern, targets=sorted(targets) if isinstance(targets, (list, set)) else targets,
-            exclude=d.get("exclude_modules") or None,
-            layers=[layers] if isinstance(layers, int) else layers,
-            layers_pattern=lp[0] if isinstance(lp, list) else lp,
-            modules_to_save=d.get("modules_to_save") or None,
-        )
+        targets, total = d.get("target_modules"), d.get("total_step")
+        return dict(alpha=d.get("lora_alpha", 8) or d.get("init_r", 12),  # PEFT: alpha 0 means alpha = r
+                    total_step=total if total and d.get("tinit", 0) < total - d.get("tfinal", 0) else None,
+                    rank_pattern=pattern, targets=sorted(targets) if isinstance(targets, (list, set)) else targets)
 
 
 class AdaLoRA(Delta):
@@ -184,12 +168,9 @@ class AdaLoRA(Delta):
         super().__init__()
         self.conv = isinstance(base, nn.Conv2d)
         self.fan_in_fan_out = not self.conv and not isinstance(base, nn.Linear)  # GPT-2 Conv1D: weight (in, out)
-        if self.conv:
-            out_f, in_f = base.out_channels, base.in_channels * math.prod(base.kernel_size)
-        elif isinstance(base, nn.Linear):
-            out_f, in_f = base.out_features, base.in_features
-        else:
-            in_f, out_f = base.weight.shape
+        out_f, in_f = out_in(base)
+        if self.conv:  # A acts on the unfolded (in * kernel) input
+            in_f *= math.prod(base.kernel_size)
         self.init_r = init_r
         self.ranknum = float(init_r)
         self.scaling = alpha / (self.ranknum + EPS)

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.modules import out_in
 from ..core.registry import register
 from ..core.targeting import is_linear
 
@@ -59,21 +60,14 @@ _ATTN_OUT = r"o_proj|attn\.c_proj|attention\.output\.dense|out_proj"
 _FFN_OUT = r"down_proj|mlp\.c_proj|layer\.\d+\.output\.dense|fc2|dense_4h_to_h"
 
 
-def _io(module: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a linear layer (GPT-2 ``Conv1D`` stores its weight (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return module.weight.shape[0], module.weight.shape[1]
-
-
 def _block_io(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a block: its first linear layer's input, its last linear layer's output."""
     if is_linear(module):
-        return _io(module)
+        return out_in(module)[::-1]
     lins = [m for m in module.modules() if is_linear(m)]
     if not lins:
         return None
-    return _io(lins[0])[0], _io(lins[-1])[1]
+    return out_in(lins[0])[1], out_in(lins[-1])[0]
 
 
 class _BottleneckConfig(DeltaConfig):
@@ -168,7 +162,7 @@ class HoulsbyConfig(_BottleneckConfig):
     type: ClassVar[str] = "adapter_houlsby"
 
     def make_delta(self, module: nn.Module, path: str) -> Delta:
-        d = _io(module)[1]
+        d = out_in(module)[0]
         return HoulsbyAdapter(d, self.bottleneck(d), self.non_linearity, self.scaling, self.init, self.ln_before)
 
 
@@ -181,7 +175,7 @@ class PfeifferConfig(_BottleneckConfig):
     non_linearity: Activation = "relu"
 
     def make_delta(self, module: nn.Module, path: str) -> Delta:
-        d = _io(module)[1]
+        d = out_in(module)[0]
         return PfeifferAdapter(d, self.bottleneck(d), self.non_linearity, self.scaling, self.init, self.ln_before)
 
 
@@ -294,7 +288,7 @@ class ParallelConfig(_BottleneckConfig):
             if p in pairs:
                 q = pairs[p]
                 d_in, _ = _block_io(m)
-                d_out = _io(modules[q])[1]
+                d_out = out_in(modules[q])[0]
                 r = self.bottleneck(d_in)
                 link = _Link()
                 down = ParallelAdapterDown(d_in, r, self.non_linearity, link, q)
@@ -397,7 +391,7 @@ class CompacterConfig(_BottleneckConfig):
         return -(-r // self.phm_dim) * self.phm_dim
 
     def make_delta(self, module: nn.Module, path: str) -> Delta:
-        d = _io(module)[1]
+        d = out_in(module)[0]
         if d % self.phm_dim:
             raise ValueError(f"{path}: compacter needs the output size ({d}) to be divisible by phm_dim={self.phm_dim}")
         return Compacter(d, self.bottleneck(d), self)

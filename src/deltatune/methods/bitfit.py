@@ -26,95 +26,17 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
-from ..core.delta import Delta, MergeError
+from ..core.delta import Delta
+from ..core.modules import (
+    check_finite_vec,
+    current_bias,
+    is_norm,
+    merge_bias_,
+    out_features,
+    unmerge_bias_,
+)
 from ..core.registry import register
 from ..core.targeting import HEAD_NAMES, is_linear
-
-# -- shared helpers --------------------------------------------------------------------------------
-_BIAS_REFS = "_deltatune_created_bias"  # on a base module: how many merged deltas share a bias created by merging
-
-
-def is_conv1d(m: nn.Module) -> bool:
-    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored (in, out)."""
-    return is_linear(m) and not isinstance(m, nn.Linear)
-
-
-def is_norm(m: nn.Module) -> bool:
-    """A normalisation layer with a per-feature weight: ``nn.LayerNorm``, ``LlamaRMSNorm``, ``T5LayerNorm``...
-
-    Recognised by class name (ending in ``Norm``, e.g. ``LayerNorm``, ``RMSNorm``) and a 1-d ``weight``.
-    """
-    w = getattr(m, "weight", None)
-    return type(m).__name__.endswith("Norm") and isinstance(w, nn.Parameter) and w.dim() == 1
-
-
-def out_features(m: nn.Module) -> int:
-    if isinstance(m, nn.Linear):
-        return m.out_features
-    if is_conv1d(m):
-        return m.weight.shape[1]
-    return m.weight.shape[-1]  # norms: (hidden,)
-
-
-def in_features(m: nn.Module) -> int:
-    if isinstance(m, nn.Linear):
-        return m.in_features
-    if is_conv1d(m):
-        return m.weight.shape[0]
-    raise TypeError(f"{type(m).__name__} has no input features")
-
-
-def scale_weight(w: Tensor, s: Tensor, conv1d: bool, on_input: bool = False, inverse: bool = False) -> Tensor:
-    """``diag(s) W`` (per output feature) or ``W diag(s)`` (``on_input``), whatever the storage layout;
-    ``inverse`` divides by ``s`` instead (unmerging).
-
-    nn.Linear stores W as (out, in), GPT-2 Conv1D as (in, out), norms as (hidden,). Returns float32.
-    """
-    w, s = w.float(), s.float().reshape(-1)
-    if w.dim() > 1:
-        along_rows = on_input == conv1d  # Linear/out or Conv1D/in: the first dimension
-        s = s[:, None] if along_rows else s[None, :]
-    return w / s if inverse else w * s
-
-
-def merge_bias_(base: nn.Module, new: Tensor) -> None:
-    """Set the base's bias to ``new`` (float32), creating the parameter if the layer has none."""
-    b = getattr(base, "bias", None)
-    if b is None:
-        w = base.weight
-        base.bias = nn.Parameter(new.to(device=w.device, dtype=w.dtype), requires_grad=False)
-        base.__dict__[_BIAS_REFS] = 1
-        return
-    b.data.copy_(new.to(b.dtype))
-    if _BIAS_REFS in base.__dict__:
-        base.__dict__[_BIAS_REFS] += 1
-
-
-def unmerge_bias_(base: nn.Module, old: Tensor) -> None:
-    """Undo :func:`merge_bias_`: restore ``old``, or remove the bias if merging created it (last one out)."""
-    refs = base.__dict__.get(_BIAS_REFS)
-    if refs is not None:
-        if refs <= 1:
-            base.bias = None
-            del base.__dict__[_BIAS_REFS]
-            return
-        base.__dict__[_BIAS_REFS] = refs - 1
-    base.bias.data.copy_(old.to(base.bias.dtype))
-
-
-def current_bias(base: nn.Module) -> Tensor:
-    """The base's bias in float32, zeros when it has none."""
-    b = getattr(base, "bias", None)
-    if b is None:
-        w = base.weight
-        return torch.zeros(out_features(base), device=w.device, dtype=torch.float32)
-    return b.detach().float()
-
-
-def check_finite_vec(t: Tensor, where: str) -> None:
-    if not torch.isfinite(t).all():
-        raise MergeError(f"{where}: the delta holds NaN or inf values; nothing was merged")
-
 
 # regex for "every module except the output heads" (norm targets are filtered by ``supports``)
 NO_HEADS = r"(?!(?:.*\.)?(?:" + "|".join(sorted(map(re.escape, HEAD_NAMES))) + r")$).+"

@@ -33,9 +33,9 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.hooks import TrainingContext, TrainingHook
-from ..core.registry import register
+from ..core.modules import out_in
+from ..core.registry import config, register
 from ..core.targeting import exact_targets, is_linear
-from .lora import LoRAConfig
 
 
 @register
@@ -88,10 +88,7 @@ class DyLoRA(Delta):
     def __init__(self, base: nn.Module, r: int, r_min: int, alpha: float, dropout: float = 0.0,
                  eval_rank: int | None = None, update: str = "bth", init: str = "gaussian"):
         super().__init__()
-        if isinstance(base, nn.Linear):
-            out_f, in_f = base.out_features, base.in_features
-        else:  # GPT-2 Conv1D: weight (in, out)
-            in_f, out_f = base.weight.shape
+        out_f, in_f = out_in(base)
         self.fan_in_fan_out = not isinstance(base, nn.Linear)
         self.r, self.r_min, self.alpha = r, r_min, alpha
         self.eval_rank = eval_rank or r
@@ -180,7 +177,7 @@ def set_eval_rank(dm: Any, name: str, rank: int | None) -> None:
     dm.configs[name] = cfg.model_copy(update={"eval_rank": rank})
 
 
-def truncate(dm: Any, name: str, rank: int, new_name: str | None = None) -> tuple[LoRAConfig, dict[str, Tensor]]:
+def truncate(dm: Any, name: str, rank: int, new_name: str | None = None) -> tuple[DeltaConfig, dict[str, Tensor]]:
     """Adapter ``name`` at rank ``rank`` as a plain LoRA: ``(LoRAConfig, state)`` with ``state`` keyed
     ``<module path>.<param>`` (as ``DeltaModel.add(cfg, state=...)`` takes it). With ``new_name`` it is also
     added to ``dm`` under that name (inactive)."""
@@ -188,7 +185,7 @@ def truncate(dm: Any, name: str, rank: int, new_name: str | None = None) -> tupl
     cfg = dm.configs[name]
     if not 1 <= rank <= cfg.r:
         raise ValueError(f"rank must be in [1, {cfg.r}], got {rank}")
-    lora = LoRAConfig(r=rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=exact_targets(dm.model, list(deltas)),
+    lora = config("lora", r=rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=exact_targets(dm.model, list(deltas)),
                       modules_to_save=cfg.modules_to_save, adapter_dtype=cfg.adapter_dtype)
     state: dict[str, Tensor] = {}
     for path, d in dm.deltas(name).items():

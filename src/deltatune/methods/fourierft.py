@@ -27,15 +27,9 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.modules import out_in
 from ..core.registry import register
 from ..core.targeting import is_linear
-
-
-def out_in(module: nn.Module) -> tuple[int, int]:
-    """(out, in) features of a linear layer or of GPT-2's Conv1D (weight (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    return module.weight.shape[1], module.weight.shape[0]
 
 
 @register
@@ -47,6 +41,10 @@ class FourierFTConfig(DeltaConfig):
     type: ClassVar[str] = "fourierft"
     tensor_roles: ClassVar[dict[str, str]] = {"fourierft_spectrum": "delta"}
     peft_type: ClassVar[str] = "FOURIERFT"
+    peft_fields: ClassVar[dict[str, str]] = {
+        "n_frequency": "n_frequency", "scaling": "scaling", "random_loc_seed": "random_loc_seed",
+        "n_frequency_pattern": "n_frequency_pattern", "init_weights": "init_weights"}
+    peft_constants: ClassVar[dict[str, Any]] = {"fan_in_fan_out": False, "bias": "none"}
 
     n_frequency: int = Field(1000, gt=0)
     scaling: float = 150.0
@@ -84,33 +82,11 @@ class FourierFTConfig(DeltaConfig):
         return FourierFT(module, n, self.scaling, self.random_loc_seed, self.init_weights)
 
     # -- PEFT format ---------------------------------------------------------------------------
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": "FOURIERFT", "task_type": None, "n_frequency": self.n_frequency, "scaling": self.scaling,
-            "random_loc_seed": self.random_loc_seed, "target_modules": target_modules, "exclude_modules": None,
-            "fan_in_fan_out": False, "bias": "none", "modules_to_save": self.modules_to_save,
-            "layers_to_transform": None, "layers_pattern": None, "n_frequency_pattern": self.n_frequency_pattern,
-            "init_weights": self.init_weights, "inference_mode": True, "base_model_name_or_path": None,
-            "revision": None,
-        }
-
     @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> FourierFTConfig:
-        if d.get("bias", "none") != "none":
-            raise ValueError(f"FourierFT with bias={d['bias']!r} (trained biases) is not supported; only bias='none'")
-        layers = d.get("layers_to_transform")
-        pattern = d.get("layers_pattern")
-        seed = d.get("random_loc_seed", 777)
-        if seed is None:
+    def peft_extra_in(cls, d: dict[str, Any]) -> dict[str, Any]:
+        if "random_loc_seed" in d and d["random_loc_seed"] is None:
             raise ValueError("FourierFT with random_loc_seed=None cannot be rebuilt: its frequency positions are lost")
-        return cls(
-            n_frequency=d.get("n_frequency", 1000), scaling=d.get("scaling", 150.0), random_loc_seed=seed,
-            init_weights=bool(d.get("init_weights", False)), n_frequency_pattern=d.get("n_frequency_pattern") or {},
-            targets=d.get("target_modules"), exclude=d.get("exclude_modules") or None,
-            layers=[layers] if isinstance(layers, int) else layers,
-            layers_pattern=pattern[0] if isinstance(pattern, list) else pattern,
-            modules_to_save=d.get("modules_to_save") or None,
-        )
+        return {}
 
 
 class FourierFT(Delta):

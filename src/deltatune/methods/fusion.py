@@ -30,19 +30,18 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.model import owner_of
+from ..core.modules import CONV, out_in
 from ..core.registry import register
 from ..core.targeting import ALL_LINEAR, is_linear, layer_index, matches
 
 
 def _out_dim(module: nn.Module) -> int | None:
     """Features of a module's output along its last dimension (None where that is not the feature axis)."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
     if isinstance(module, nn.Embedding):
         return module.embedding_dim
-    if is_linear(module):  # GPT-2 Conv1D: weight (in, out)
-        return module.weight.shape[1]
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if is_linear(module):
+        return out_in(module)[0]
+    if isinstance(module, CONV):
         return None
     lins = [m for m in module.modules() if is_linear(m)]  # a block (an FFN): its last linear layer's output
     return _out_dim(lins[-1]) if lins else None

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig, TargetSpec
 from ..core.delta import Delta, MergeError
+from ..core.modules import check_finite_vec, current_bias, in_features, is_conv1d, out_features, scale_weight
 from ..core.registry import register
 from ..core.targeting import is_linear, matches
-from .bitfit import check_finite_vec, current_bias, in_features, is_conv1d, out_features, scale_weight
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_*_MAPPING for the architectures deltatune is tested on, as one list
 # (suffix matching makes a model use the entries that name its modules)
@@ -55,6 +55,8 @@ class IA3Config(DeltaConfig):
     tensor_roles: ClassVar[dict[str, str]] = {"ia3_l": "log_scale"}
     combine_loose: ClassVar[frozenset[str]] = frozenset({"feedforward_modules"})
     peft_type: ClassVar[str] = "IA3"
+    peft_layers: ClassVar[bool] = False
+    peft_constants: ClassVar[dict[str, Any]] = {"fan_in_fan_out": False, "init_ia3_weights": True}
     default_targets: ClassVar[list[str]] = DEFAULT_TARGETS
 
     feedforward_modules: TargetSpec = None
@@ -83,23 +85,18 @@ class IA3Config(DeltaConfig):
         return IA3(in_features(module) if ff else out_features(module), ff, is_conv1d(module))
 
     # -- PEFT format ---------------------------------------------------------------------------
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
+    def peft_extra(self) -> dict[str, Any]:
         ff = self.feedforward_modules if self.feedforward_modules is not None else DEFAULT_FEEDFORWARD
         if isinstance(ff, list):  # PEFT matches list entries with a bare endswith; a regex keeps our rule exactly
             ff = _suffix_regex(ff)
-        return {
-            "peft_type": "IA3", "task_type": None, "target_modules": target_modules, "exclude_modules": None,
-            "feedforward_modules": ff, "fan_in_fan_out": False, "modules_to_save": self.modules_to_save,
-            "init_ia3_weights": True, "inference_mode": True, "base_model_name_or_path": None, "revision": None,
-        }
+        return {"feedforward_modules": ff}
 
     @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> IA3Config:
+    def peft_extra_in(cls, d: dict[str, Any]) -> dict[str, Any]:
         ff = d.get("feedforward_modules")
         if isinstance(ff, (list, tuple, set)):
             ff = _suffix_regex(sorted(ff), dotted=False) if ff else None
-        return cls(targets=d.get("target_modules"), exclude=d.get("exclude_modules") or None,
-                   feedforward_modules=ff, modules_to_save=d.get("modules_to_save") or None)
+        return {"feedforward_modules": ff}
 
 
 class IA3(Delta):

@@ -17,15 +17,15 @@ active); with several active the last one wins.
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.modules import check_finite_vec, is_norm
 from ..core.registry import register
-from .bitfit import check_finite_vec, is_norm
 
 
 @register
@@ -34,6 +34,7 @@ class LNTuningConfig(DeltaConfig):
 
     type: ClassVar[str] = "ln_tuning"
     peft_type: ClassVar[str] = "LN_TUNING"
+    peft_layers: ClassVar[bool] = False
     default_targets: ClassVar[str] = r".+"  # every module; ``supports`` keeps the norm layers
 
     def supports(self, module: nn.Module) -> bool:
@@ -44,17 +45,6 @@ class LNTuningConfig(DeltaConfig):
             raise ValueError(f"{path}: LN tuning adapts normalisation layers (a class named ...Norm with a 1-d "
                              f"weight), not {type(module).__name__}")
         return LNTuning(module)
-
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {"peft_type": "LN_TUNING", "task_type": None, "target_modules": target_modules,
-                "exclude_modules": None, "modules_to_save": self.modules_to_save, "inference_mode": True,
-                "base_model_name_or_path": None, "revision": None}
-
-    @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> LNTuningConfig:
-        return cls(targets=d.get("target_modules"), exclude=d.get("exclude_modules") or None,
-                   modules_to_save=d.get("modules_to_save") or None)
-
 
 class LNTuning(Delta):
     """``norm'(x)``: ``ln_tuning_layers`` is a trainable copy of the base norm (weight (hidden,), bias (hidden,))."""

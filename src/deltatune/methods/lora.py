@@ -24,7 +24,6 @@ Parameter names follow the PEFT format (``lora_A.weight``, ``lora_B.weight``, ``
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import Any, ClassVar, Literal
 
@@ -35,30 +34,11 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.modules import check_patterns, out_in, pattern_value
 from ..core.registry import register
 from ..core.targeting import is_linear
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def check_patterns(rank_pattern: dict[str, int], alpha_pattern: dict[str, float]) -> None:
-    """Validate per-module ``rank_pattern`` / ``alpha_pattern`` (regex keys, positive ranks)."""
-    for k, v in rank_pattern.items():
-        if v <= 0:
-            raise ValueError(f"rank_pattern[{k!r}] must be > 0, got {v}")
-    for k in list(rank_pattern) + list(alpha_pattern):
-        try:
-            re.compile(k)
-        except re.error as e:
-            raise ValueError(f"pattern {k!r} is not a valid regex: {e}") from None
-
-
-def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """The value of the first pattern whose regex matches ``path`` or one of its dotted suffixes."""
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", path):
-            return value
-    return default
 
 
 @register
@@ -74,6 +54,10 @@ class LoRAConfig(DeltaConfig):
     combine_loose: ClassVar[frozenset[str]] = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern", "use_rslora",
                                                          "freeze_a"})
     peft_type: ClassVar[str] = "LORA"
+    peft_fields: ClassVar[dict[str, str]] = {
+        "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "use_rslora": "use_rslora", "use_dora": "use_dora",
+        "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
+    peft_constants: ClassVar[dict[str, Any]] = {"fan_in_fan_out": False, "bias": "none", "init_lora_weights": True}
 
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
@@ -123,45 +107,15 @@ class LoRAConfig(DeltaConfig):
             "alpha_pattern": {k: f * v for k, v in self.alpha_pattern.items()},
         })
 
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": "LORA", "task_type": None, "r": self.r, "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout, "target_modules": target_modules, "exclude_modules": None,
-            "fan_in_fan_out": False, "bias": "none", "use_rslora": self.use_rslora, "use_dora": self.use_dora,
-            "modules_to_save": self.modules_to_save, "init_lora_weights": True, "layers_to_transform": None,
-            "layers_pattern": None, "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern,
-            "inference_mode": True, "base_model_name_or_path": None, "revision": None,
-        }
-
     @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> LoRAConfig:
-        if d.get("bias", "none") != "none":
-            raise ValueError(f"LoRA with bias={d['bias']!r} (trained biases) is not supported; only bias='none'")
+    def peft_extra_in(cls, d: dict[str, Any]) -> dict[str, Any]:
         if d.get("lora_bias"):
             raise ValueError("LoRA with lora_bias=True is not supported")
         init = d.get("init_lora_weights", True)
         if isinstance(init, str) and init.startswith("pissa"):
             warnings.warn("this PiSSA adapter was saved without conversion: it expects the residual base weights "
                           "PEFT wrote at training time, not the original model", stacklevel=2)
-        layers = d.get("layers_to_transform")
-        pattern = d.get("layers_pattern")
-        return cls(
-            r=d["r"], alpha=d.get("lora_alpha", d["r"]), dropout=d.get("lora_dropout", 0.0) or 0.0,
-            use_rslora=bool(d.get("use_rslora")), use_dora=bool(d.get("use_dora")),
-            targets=d.get("target_modules"), exclude=d.get("exclude_modules") or None,
-            layers=[layers] if isinstance(layers, int) else layers,
-            layers_pattern=pattern[0] if isinstance(pattern, list) else pattern,
-            modules_to_save=d.get("modules_to_save") or None,
-            rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
-        )
-
-
-def _out_in(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if isinstance(module, _CONV):
-        return module.out_channels, module.in_channels
-    return module.weight.shape[1], module.weight.shape[0]  # GPT-2 Conv1D: weight (in, out)
+        return {"r": d["r"], "alpha": d.get("lora_alpha", d["r"])}  # PEFT's alpha defaults to r
 
 
 @register
@@ -174,6 +128,7 @@ class DoRAConfig(LoRAConfig):
 
     type: ClassVar[str] = "dora"
     peft_type: ClassVar[str | None] = None
+    peft_saved_as: ClassVar[str | None] = "LORA"
     use_dora: bool = True
 
 
@@ -188,7 +143,7 @@ class LoRA(Delta):
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, init: str = "gaussian",
                  use_dora: bool = False, freeze_a: bool = False):
         super().__init__()
-        out_f, in_f = _out_in(base)
+        out_f, in_f = out_in(base)
         self.scaling = scaling
         self.conv = isinstance(base, _CONV)
         self.fan_in_fan_out = not self.conv and not isinstance(base, nn.Linear)  # GPT-2 Conv1D

@@ -29,7 +29,7 @@ numerics are PEFT's (``hada_w1_a`` ... ``hada_t2``, ``lokr_w1`` ... ``lokr_t2``)
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.modules import check_patterns, pattern_value, site_shape
 from ..core.registry import register
 from ..core.targeting import is_linear
-from .lora import check_patterns, pattern_value
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 
@@ -49,21 +49,13 @@ def _kaiming(t: Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
-def site_shape(module: nn.Module, path: str) -> tuple[int, int, tuple[int, ...]]:
-    """(out, in, kernel) of a site, in the (out, in, *kernel) layout of its effective weight.
-
-    For a grouped convolution ``in`` is the per-group input width (the weight's second dimension)."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features, ()
-    if isinstance(module, _CONV):
-        return module.out_channels, module.in_channels // module.groups, tuple(module.kernel_size)
-    if is_linear(module):  # GPT-2 Conv1D: weight (in, out)
-        return module.weight.shape[1], module.weight.shape[0], ()
-    raise ValueError(f"{path}: {type(module).__name__} is not supported (Linear, GPT-2 Conv1D, Conv1d, Conv2d are)")
-
-
 class _LycorisConfig(DeltaConfig):
     """Fields LoHa and LoKr share (PEFT's ``LycorisConfig`` names)."""
+
+    peft_fields: ClassVar[dict[str, str]] = {
+        "r": "r", "alpha": "alpha", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout",
+        "use_effective_conv2d": "use_effective_conv2d", "rank_pattern": "rank_pattern",
+        "alpha_pattern": "alpha_pattern", "init_weights": "init_weights"}
 
     r: int = Field(8, gt=0)
     alpha: float = Field(8.0, gt=0)
@@ -86,32 +78,6 @@ class _LycorisConfig(DeltaConfig):
 
     def supports(self, module: nn.Module) -> bool:
         return is_linear(module) or isinstance(module, _CONV)
-
-    def _peft_common(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": self.peft_type, "task_type": None, "r": self.r, "alpha": self.alpha,
-            "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,
-            "use_effective_conv2d": self.use_effective_conv2d, "target_modules": target_modules,
-            "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
-            "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern,
-            "modules_to_save": self.modules_to_save, "inference_mode": True,
-            "base_model_name_or_path": None, "revision": None,
-        }
-
-    @staticmethod
-    def _from_peft_common(d: dict[str, Any]) -> dict[str, Any]:
-        layers = d.get("layers_to_transform")
-        pattern = d.get("layers_pattern")
-        return dict(
-            r=d.get("r", 8), alpha=d.get("alpha", 8), rank_dropout=d.get("rank_dropout", 0.0) or 0.0,
-            module_dropout=d.get("module_dropout", 0.0) or 0.0,
-            use_effective_conv2d=bool(d.get("use_effective_conv2d", False)),
-            targets=d.get("target_modules"), exclude=d.get("exclude_modules") or None,
-            layers=[layers] if isinstance(layers, int) else layers,
-            layers_pattern=pattern[0] if isinstance(pattern, list) else pattern,
-            modules_to_save=d.get("modules_to_save") or None,
-            rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
-        )
 
 
 class _StructuredDelta(Delta):
@@ -176,14 +142,6 @@ class LoHaConfig(_LycorisConfig):
 
     def make_delta(self, module: nn.Module, path: str) -> Delta:
         return LoHa(module, path, self.rank(path), self.scaling(path), self)
-
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {**self._peft_common(target_modules), "init_weights": self.init_weights}
-
-    @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> LoHaConfig:
-        return cls(**cls._from_peft_common(d))
-
 
 class LoHa(_StructuredDelta):
     """``y + x dW^T`` with ``dW = s (W1a W1b) ⊙ (W2a W2b)`` (FedPara).
@@ -256,6 +214,9 @@ class LoKrConfig(_LycorisConfig):
     tensor_roles: ClassVar[dict[str, str]] = {"lokr_w1": "delta", "lokr_w1_a": "delta", "lokr_w1_b": "factor",
                                               "lokr_w2": "factor", "lokr_w2_a": "factor", "lokr_w2_b": "factor"}
     peft_type: ClassVar[str] = "LOKR"
+    peft_fields: ClassVar[dict[str, str]] = {
+        **_LycorisConfig.peft_fields, "decompose_both": "decompose_both", "decompose_factor": "decompose_factor",
+        "rank_dropout_scale": "rank_dropout_scale"}
 
     decompose_both: bool = False
     decompose_factor: int = -1
@@ -270,18 +231,6 @@ class LoKrConfig(_LycorisConfig):
 
     def make_delta(self, module: nn.Module, path: str) -> Delta:
         return LoKr(module, path, self.rank(path), self.scaling(path), self)
-
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {**self._peft_common(target_modules), "decompose_both": self.decompose_both,
-                "decompose_factor": self.decompose_factor, "rank_dropout_scale": self.rank_dropout_scale,
-                "init_weights": self.init_weights}
-
-    @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> LoKrConfig:
-        return cls(**cls._from_peft_common(d), decompose_both=bool(d.get("decompose_both", False)),
-                   decompose_factor=d.get("decompose_factor", -1),
-                   rank_dropout_scale=bool(d.get("rank_dropout_scale", False)))
-
 
 class LoKr(_StructuredDelta):
     """``y + x dW^T`` with ``dW = s * W1 ⊗ W2`` (reshaped to the weight's shape), out = a b, in = c d.

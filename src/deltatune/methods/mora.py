@@ -32,15 +32,9 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.modules import out_in
 from ..core.registry import register
 from ..core.targeting import is_linear
-
-
-def out_in(module: nn.Module) -> tuple[int, int]:
-    """(out, in) features of a linear layer or of GPT-2's Conv1D (weight (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    return module.weight.shape[1], module.weight.shape[0]
 
 
 def mora_rank(in_f: int, out_f: int, r: int, mora_type: str) -> int:

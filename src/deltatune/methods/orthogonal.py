@@ -45,34 +45,13 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.modules import site_shape
 from ..core.registry import register
 from ..core.targeting import is_linear
-from .lycoris import site_shape
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 PEFT_VERSION = "0.21.2"  # the PEFT release whose numerics (Cayley-Neumann series since 0.18) these files follow
-
-
-def _peft_layers(d: dict[str, Any]) -> dict[str, Any]:
-    layers = d.get("layers_to_transform")
-    pattern = d.get("layers_pattern")
-    if d.get("bias", "none") != "none":
-        raise ValueError(f"{d.get('peft_type')} with bias={d['bias']!r} (trained biases) is not supported; only 'none'")
-    return dict(
-        targets=d.get("target_modules"), exclude=d.get("exclude_modules") or None,
-        layers=[layers] if isinstance(layers, int) else layers,
-        layers_pattern=pattern[0] if isinstance(pattern, list) else pattern,
-        modules_to_save=d.get("modules_to_save") or None,
-    )
-
-
-def _peft_common(cfg: DeltaConfig, target_modules: str | list[str]) -> dict[str, Any]:
-    return {
-        "peft_type": cfg.peft_type, "task_type": None, "target_modules": target_modules, "exclude_modules": None,
-        "fan_in_fan_out": False, "bias": "none", "modules_to_save": cfg.modules_to_save,
-        "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
-        "base_model_name_or_path": None, "revision": None, "peft_version": PEFT_VERSION,
-    }
+_PEFT_CONSTANTS = {"fan_in_fan_out": False, "bias": "none", "peft_version": PEFT_VERSION}
 
 
 def _replace_with_identity(blocks: Tensor, p: float) -> Tensor:
@@ -142,6 +121,11 @@ class OFTConfig(DeltaConfig):
     type: ClassVar[str] = "oft"
     tensor_roles: ClassVar[dict[str, str]] = {"oft_R.weight": "delta"}
     peft_type: ClassVar[str] = "OFT"
+    peft_fields: ClassVar[dict[str, str]] = {
+        "r": "r", "oft_block_size": "oft_block_size", "module_dropout": "module_dropout",
+        "init_weights": "init_weights", "coft": "coft", "eps": "eps", "block_share": "block_share",
+        "use_cayley_neumann": "use_cayley_neumann", "num_cayley_neumann_terms": "num_cayley_neumann_terms"}
+    peft_constants: ClassVar[dict[str, Any]] = _PEFT_CONSTANTS
 
     r: int = Field(0, ge=0)
     oft_block_size: int = Field(32, ge=0)
@@ -183,22 +167,12 @@ class OFTConfig(DeltaConfig):
             raise ValueError(f"{path}: OFT adapts linear layers (and GPT-2 Conv1D), not {type(module).__name__}")
         return OFT(module, path, self)
 
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {**_peft_common(self, target_modules), "r": self.r, "oft_block_size": self.oft_block_size,
-                "module_dropout": self.module_dropout, "init_weights": self.init_weights, "coft": self.coft,
-                "eps": self.eps, "block_share": self.block_share, "use_cayley_neumann": self.use_cayley_neumann,
-                "num_cayley_neumann_terms": self.num_cayley_neumann_terms}
-
     @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> OFTConfig:
+    def peft_extra_in(cls, d: dict[str, Any]) -> dict[str, Any]:
         if "oft_block_size" not in d:
             raise ValueError("this OFT adapter was saved by PEFT < 0.14 in a format PEFT itself no longer reads "
                              "(no oft_block_size); retrain it with a current PEFT")
-        return cls(**_peft_layers(d), r=d.get("r", 0), oft_block_size=d["oft_block_size"],
-                   module_dropout=d.get("module_dropout", 0.0) or 0.0, coft=bool(d.get("coft", False)),
-                   eps=d.get("eps", 6e-5), block_share=bool(d.get("block_share", False)),
-                   use_cayley_neumann=bool(d.get("use_cayley_neumann", False)),
-                   num_cayley_neumann_terms=d.get("num_cayley_neumann_terms", 5))
+        return {"r": d.get("r", 0)}
 
 
 class _Params(nn.Module):
@@ -331,6 +305,11 @@ class BOFTConfig(DeltaConfig):
     type: ClassVar[str] = "boft"
     tensor_roles: ClassVar[dict[str, str]] = {"boft_R": "delta", "boft_s": "scale"}
     peft_type: ClassVar[str] = "BOFT"
+    peft_fields: ClassVar[dict[str, str]] = {
+        "boft_block_size": "boft_block_size", "boft_block_num": "boft_block_num",
+        "boft_n_butterfly_factor": "boft_n_butterfly_factor", "boft_dropout": "boft_dropout",
+        "init_weights": "init_weights"}
+    peft_constants: ClassVar[dict[str, Any]] = _PEFT_CONSTANTS
 
     boft_block_size: int = Field(4, ge=0)
     boft_block_num: int = Field(0, ge=0)
@@ -376,19 +355,6 @@ class BOFTConfig(DeltaConfig):
         if isinstance(module, _CONV) and module.groups != 1:
             raise ValueError(f"{path}: BOFT on grouped convolutions (groups={module.groups}) is not supported")
         return BOFT(module, path, self)
-
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {**_peft_common(self, target_modules), "boft_block_size": self.boft_block_size,
-                "boft_block_num": self.boft_block_num, "boft_n_butterfly_factor": self.boft_n_butterfly_factor,
-                "boft_dropout": self.boft_dropout, "init_weights": self.init_weights}
-
-    @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> BOFTConfig:
-        return cls(**_peft_layers(d), boft_block_size=d.get("boft_block_size", 4),
-                   boft_block_num=d.get("boft_block_num", 0),
-                   boft_n_butterfly_factor=d.get("boft_n_butterfly_factor", 1),
-                   boft_dropout=d.get("boft_dropout", 0.0) or 0.0)
-
 
 class BOFT(_Rotating):
     """``diag(s) W (x R)`` + b with ``R = R_m .. R_1``, ``R_i = P_i diag(cayley(boft_R[i, j]))_j P_i^T``.

@@ -41,6 +41,7 @@ class PrefixTuningConfig(InputLevelConfig):
 
     type: ClassVar[str] = "prefix_tuning"
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    peft_constants: ClassVar[dict[str, Any]] = {"auto_mapping": None, "init_weights": None}
 
     prefix_projection: bool = False
     encoder_hidden_size: int | None = Field(None, gt=0)
@@ -75,16 +76,15 @@ class PrefixTuningConfig(InputLevelConfig):
         # the file holds the table P (the MLP's output), as PEFT saves it
         return self.model_copy(update={"prefix_projection": False}) if self.prefix_projection else self
 
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {"peft_type": "PREFIX_TUNING", **self._peft_common(), "encoder_hidden_size": self.encoder_hidden_size,
-                "prefix_projection": self.prefix_projection, "init_weights": None}
+    def peft_extra(self) -> dict[str, Any]:
+        return {"encoder_hidden_size": self.encoder_hidden_size, "prefix_projection": self.prefix_projection}
 
     @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> PrefixTuningConfig:
+    def peft_extra_in(cls, d: dict[str, Any]) -> dict[str, Any]:
         if d.get("init_weights") not in (None, "zero"):
             raise ValueError(f"prefix tuning init_weights={d['init_weights']!r} is not supported")
         # PEFT files always hold the table P, whatever prefix_projection was during training
-        return cls(**cls._from_peft_common(d), encoder_hidden_size=d.get("encoder_hidden_size"))
+        return {"encoder_hidden_size": d.get("encoder_hidden_size")}
 
 
 class PrefixTuning(InputDelta):

@@ -55,6 +55,10 @@ class InputLevelConfig(DeltaConfig):
     """
 
     peft_prefix: ClassVar[str] = "base_model."
+    peft_prompt_learning: ClassVar[bool] = True
+    peft_fields: ClassVar[dict[str, str]] = {
+        "task_type": "task_type", "num_virtual_tokens": "num_virtual_tokens", "token_dim": "token_dim",
+        "num_attention_heads": "num_attention_heads", "num_layers": "num_layers"}
     default_targets: ClassVar[str] = "<the model's input embeddings>"
 
     num_virtual_tokens: int = Field(20, gt=0)
@@ -110,25 +114,6 @@ class InputLevelConfig(DeltaConfig):
             update["task_type"] = next((t for suffix, t in _TASKS if cls.endswith(suffix)), "FEATURE_EXTRACTION")
         return self.model_copy(update=update)
 
-    def _peft_common(self) -> dict[str, Any]:
-        return {
-            "task_type": self.task_type, "num_virtual_tokens": self.num_virtual_tokens, "token_dim": self.token_dim,
-            "num_transformer_submodules": 1, "num_attention_heads": self.num_attention_heads,
-            "num_layers": self.num_layers, "modules_to_save": self.modules_to_save, "inference_mode": True,
-            "base_model_name_or_path": None, "revision": None, "auto_mapping": None,
-        }
-
-    @classmethod
-    def _from_peft_common(cls, d: dict[str, Any]) -> dict[str, Any]:
-        if (d.get("num_transformer_submodules") or 1) != 1:
-            raise ValueError(f"{d.get('peft_type')} with num_transformer_submodules={d['num_transformer_submodules']} "
-                             f"(encoder-decoder models) is not supported")
-        saved = list(dict.fromkeys(d.get("modules_to_save") or [])) or None
-        return {"num_virtual_tokens": d["num_virtual_tokens"], "task_type": d.get("task_type"),
-                "token_dim": d.get("token_dim"), "num_layers": d.get("num_layers"),
-                "num_attention_heads": d.get("num_attention_heads"), "modules_to_save": saved}
-
-
 def cache_length(cache: Any) -> int:
     """Tokens already in a KV cache (0 for none)."""
     if cache is None:
@@ -169,6 +154,9 @@ class PromptTuningConfig(InputLevelConfig):
 
     type: ClassVar[str] = "prompt_tuning"
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    peft_constants: ClassVar[dict[str, Any]] = {
+        "auto_mapping": None, "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
 
     init: Literal["random", "vocab", "text"] = "random"
     init_text: str | None = None
@@ -213,15 +201,6 @@ class PromptTuningConfig(InputLevelConfig):
             raise ValueError(f"init_token_ids {bad[:5]} are outside the vocabulary of {path} (size {vocab})")
         ids = (list(ids) * math.ceil(n / len(ids)))[:n]  # repeat or truncate to n, as PEFT does
         return torch.tensor(ids)
-
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {"peft_type": "PROMPT_TUNING", **self._peft_common(), "prompt_tuning_init": "RANDOM",
-                "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
-
-    @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> PromptTuningConfig:
-        return cls(**cls._from_peft_common(d))
-
 
 class PromptTuning(InputDelta):
     """``inputs_embeds = [P; E(x)]`` with ``P = prompt_embeddings`` (n, d), expanded over the batch (B, n, d).

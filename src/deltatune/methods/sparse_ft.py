@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.hooks import TrainingContext, TrainingHook
+from ..core.modules import is_conv1d
 from ..core.registry import register
 from ..core.targeting import is_linear
-from .bitfit import is_conv1d
 
 if TYPE_CHECKING:
     from ..core.model import DeltaModel

@@ -24,9 +24,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta, MergeError
-from ..core.registry import register
-from ..core.targeting import is_linear
-from .bitfit import (
+from ..core.modules import (
     check_finite_vec,
     current_bias,
     is_conv1d,
@@ -36,6 +34,8 @@ from .bitfit import (
     scale_weight,
     unmerge_bias_,
 )
+from ..core.registry import register
+from ..core.targeting import is_linear
 
 
 @register

@@ -32,17 +32,11 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.modules import out_in
 from ..core.registry import register
 from ..core.targeting import is_linear
 
 KEY_A, KEY_B = "base_model.vera_A", "base_model.vera_B"
-
-
-def out_in(module: nn.Module) -> tuple[int, int]:
-    """(out, in) features of a linear layer or of GPT-2's Conv1D (weight (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    return module.weight.shape[1], module.weight.shape[0]
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -61,6 +55,10 @@ class VeRAConfig(DeltaConfig):
     tensor_roles: ClassVar[dict[str, str]] = {"vera_lambda_b": "delta", "vera_lambda_d": "factor"}
     combine_loose: ClassVar[frozenset[str]] = frozenset({"d_initial"})
     peft_type: ClassVar[str] = "VERA"
+    peft_fields: ClassVar[dict[str, str]] = {
+        "r": "r", "projection_prng_key": "projection_prng_key", "save_projection": "save_projection",
+        "dropout": "vera_dropout", "d_initial": "d_initial", "init_weights": "init_weights"}
+    peft_constants: ClassVar[dict[str, Any]] = {"fan_in_fan_out": False, "bias": "none"}
     shared_keys: ClassVar[tuple[str, ...]] = (KEY_A, KEY_B)
 
     r: int = Field(256, gt=0)
@@ -120,33 +118,6 @@ class VeRAConfig(DeltaConfig):
             proj.vera_B.copy_(tensors[KEY_B])
 
     # -- PEFT format ---------------------------------------------------------------------------
-    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
-        return {
-            "peft_type": "VERA", "task_type": None, "r": self.r, "target_modules": target_modules,
-            "projection_prng_key": self.projection_prng_key, "save_projection": self.save_projection,
-            "vera_dropout": self.dropout, "d_initial": self.d_initial, "fan_in_fan_out": False, "bias": "none",
-            "modules_to_save": self.modules_to_save, "init_weights": self.init_weights,
-            "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
-            "base_model_name_or_path": None, "revision": None,
-        }
-
-    @classmethod
-    def from_peft(cls, d: dict[str, Any]) -> VeRAConfig:
-        if d.get("bias", "none") != "none":
-            raise ValueError(f"VeRA with bias={d['bias']!r} (trained biases) is not supported; only bias='none'")
-        layers = d.get("layers_to_transform")
-        pattern = d.get("layers_pattern")
-        return cls(
-            r=d.get("r", 256), projection_prng_key=d.get("projection_prng_key", 0),
-            save_projection=d.get("save_projection", True), dropout=d.get("vera_dropout", 0.0) or 0.0,
-            d_initial=d.get("d_initial", 0.1), init_weights=d.get("init_weights", True),
-            targets=d.get("target_modules"), exclude=d.get("exclude_modules") or None,
-            layers=[layers] if isinstance(layers, int) else layers,
-            layers_pattern=pattern[0] if isinstance(pattern, list) else pattern,
-            modules_to_save=d.get("modules_to_save") or None,
-        )
-
-
 class VeRAProjection(nn.Module):
     """The frozen A (r, max in) and B (max out, r) one adapter shares across its layers (buffers, not saved in
     the model's state dict: they are the seed's, or the file's shared tensors)."""
