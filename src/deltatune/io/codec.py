@@ -12,9 +12,8 @@
   is seen as (shape[0], rest) and its channels run along the shorter side: for LoRA, one scale per rank
   channel (the rows of A (r, in), the columns of B (out, r)), so the scales cost almost nothing.
 
-ComPEFT and DARE apply to the LoRA-family factors (``lora_A``, ``lora_B``, ``lora_embedding_*``, AdaLoRA's
-``lora_E``); other tensors (DoRA magnitudes, saved modules) are kept as they are. int8 applies to every
-floating-point tensor.
+Which tensors are encoded is the caller's choice (``encode(..., factors=...)``; :mod:`deltatune.merge.compress`
+passes the factors of factorised methods for ComPEFT and DARE).
 
 Stored layout (compeft, dare, int8): ``adapter_model.safetensors`` holds, for an encoded tensor ``K``::
 

@@ -1,26 +1,15 @@
-"""Compress a saved adapter: ComPEFT, DARE, LoRA rank truncation, int8.
+"""Compress a saved adapter: ComPEFT, DARE, LoRA rank truncation, int8; and report what it changes.
 
-- ``compeft`` (Yadav et al. 2023, "ComPEFT"): per tensor tau, keep the top-``density`` entries by magnitude
-  and replace each by its sign times one scale: ``tau' = alpha * sigma(tau) * sign(tau) * m`` (m the top-k
-  mask, sigma the population std of the whole original tensor, alpha a multiplier, default 1). For LoRA the
-  compressed tensors are the A and B factors (ComPEFT compresses the PEFT parameters themselves), so the
-  delta becomes ``s B' A'``.
-- ``dare`` (Yu et al. 2024): drop each entry with probability ``p = 1 - density`` and rescale the survivors by
-  ``1 / (1 - p)`` (seeded); on LoRA factors as for ComPEFT.
+- ``compeft``, ``dare``, ``int8``: the codecs of :mod:`deltatune.io.codec` (their equations and stored layout are
+  there, because every adapter load decodes them); ComPEFT and DARE apply to the factors of factorised methods
+  (the ``delta``/``factor`` tensors a Config's ``tensor_roles`` names: LoRA's A and B, AdaLoRA's E, ...), other
+  tensors (DoRA magnitudes, saved modules) are kept as they are; int8 applies to every floating-point tensor.
 - ``rank``: LoRA truncated to rank k by SVD of ``s B A`` (exact, via QR of the factors: O((out + in) r^2));
   the result is a plain, smaller LoRA that PEFT loads too.
-- ``int8``: absmax 8-bit per channel (per tensor with ``per_channel=False``): ``x ~ q * scale``,
-  ``scale = max|x| / 127`` over the channel, ``q = round(x / scale)``, so ``|x - q scale| <= scale / 2``. A tensor
-  is seen as (shape[0], rest) and its channels run along the shorter side: for LoRA, one scale per rank
-  channel (the rows of A (r, in), the columns of B (out, r)), so the scales cost almost nothing.
 
-ComPEFT and DARE apply to the LoRA-family factors (``lora_A``, ``lora_B``, ``lora_embedding_*``, AdaLoRA's
-``lora_E``); other tensors (DoRA magnitudes, saved modules) are kept as they are. int8 applies to every
-floating-point tensor.
-
-The stored layout of compressed files and their decoding (on every adapter load) are in :mod:`deltatune.io.codec`.
+The report: size ratio, relative change of the delta ``||dW' - dW|| / ||dW||`` (low-rank adapters) and of the
+parameters, and with a model the logits difference on a fixed random batch.
 """
-
 from __future__ import annotations
 
 import json
