@@ -23,7 +23,7 @@ def _pair(**kw):
 _ORTH = {"additive": False, "weak_generation": ("gpt2",)}
 CASES: list[Case] = [
     Case("hra", *_pair(r=4)[:1], ("mlp", "llama", "gpt2", "bert"), hra_count, _pair(r=4)[1], **_ORTH),
-    # Gram-Schmidt turns PEFT's paired start into random directions: no identity at init (as in PEFT)
-    Case("hra-gs", *_pair(r=4, apply_GS=True)[:1], ("mlp", "llama"), hra_count, _pair(r=4, apply_GS=True)[1],
+    # Gram-Schmidt turns PEFT's paired start into noise directions (warned): the GS case starts random
+    Case("hra-gs", *_pair(r=4, apply_GS=True)[1:], ("mlp", "llama"), hra_count, _pair(r=4, apply_GS=True)[1],
          identity=False, **_ORTH),
 ]

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import deltatune as dt
 from deltatune.cli import app
+from deltatune.core.registry import config_class
 from deltatune.merge import ops
 from tiny_models import tiny
 
@@ -429,7 +430,9 @@ def test_cli_combine_errors_cleanly(loras, ia3s, tmp_path):
 METHODS = [m for m in dt.available_methods() if m not in ("union", "fusion")]  # both combine other configs
 EXTRA = {"fourierft": {"n_frequency": 100}, "prompt_tuning": {"num_virtual_tokens": 4},
          "prefix_tuning": {"num_virtual_tokens": 4}}
-WHOLE = {"ln_tuning", "prefix_tuning", "prompt_tuning"}  # no delta to negate
+# no delta to negate: every tensor a whole parameter (no tensor_roles: LN tuning, prompts, prefixes, HRA's reflection
+# vectors, whose sign does not change the reflection)
+WHOLE = {m for m in METHODS if not config_class(m).tensor_roles}
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -66,6 +66,10 @@ class HRAConfig(DeltaConfig):
         if self.r % 2 and self.init_weights:
             warnings.warn(f"{path}: HRA with odd r={self.r} cannot start as the identity (its reflections pair up "
                           f"only for even r); starting from random reflections", stacklevel=3)
+        elif self.apply_GS and self.init_weights and self.r > 1:
+            warnings.warn(f"{path}: HRA with apply_GS and init_weights=True (PEFT's default): Gram-Schmidt leaves "
+                          f"every second vector of the paired start as rounding noise, whose direction is random and "
+                          f"hard to train; use init_weights=False", stacklevel=3)
         return HRA(module, self.r, self.apply_GS, self.init_weights)
 
 
