@@ -8,10 +8,18 @@ import math
 
 import pytest
 import torch
-from continual_helpers import tiny_encoder, tokenizer, write_stream
 
 import deltatune as dt
-from deltatune.continual import STRATEGIES, AccuracyMatrix, EvalSet, Learner, TaskStream, make_strategy, run_stream
+from continual_helpers import tiny_encoder, tokenizer, write_stream
+from deltatune.continual import (
+    STRATEGIES,
+    AccuracyMatrix,
+    EvalSet,
+    Learner,
+    TaskStream,
+    make_strategy,
+    run_stream,
+)
 from deltatune.train.data import DataError
 from deltatune.train.trainer import TrainConfig
 
@@ -204,3 +212,44 @@ def test_bad_options_and_missing_method(tok, files):
     with pytest.raises(ValueError, match="needs a method"):
         make_strategy("seq_ft", bare, stream)
     assert not math.isnan(make_strategy("simplecil", bare, stream).trainable_parameters())
+
+
+# -- the command line ---------------------------------------------------------------------------------
+def test_cli_runs_resumes_and_names_bad_config(tok, files, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from deltatune.cli import app
+
+    train, test = files
+    folder = tmp_path / "tiny-bert"
+    tiny_encoder(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    run = {"model": str(folder), "method": {"type": "lora", "r": 4}, "strategy": {"name": "per_task"},
+           "stream": {"train": str(train), "task_size": 6, "seed": 1}, "eval": [str(test)],
+           "train": {"steps": 40, "lr": 1e-2, "batch_size": 8}, "output": str(tmp_path / "out")}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run))
+    r = CliRunner().invoke(app, ["continual", str(cfg), "--quiet", "--set", "stream.num_tasks=1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["test"]["last"] > 0.5  # chance: 1/6
+    def said(r):  # rich wraps long lines
+        return " ".join(r.output.split())
+
+    # the folder holds that run: a new run there is refused; resuming it as a longer stream is another stream
+    r = CliRunner().invoke(app, ["continual", str(cfg), "--quiet"])
+    assert r.exit_code != 0 and "already holds a continual run (tasks 0..0 done)" in said(r)
+    r = CliRunner().invoke(app, ["continual", str(cfg), "--quiet", "--resume"])
+    assert r.exit_code != 0 and "another stream" in said(r)
+    run["output"] = str(tmp_path / "out2")
+    cfg.write_text(yaml.safe_dump(run))
+    r = CliRunner().invoke(app, ["continual", str(cfg), "--quiet"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out2"
+    d = json.loads((out / "test.json").read_text())
+    assert len(d["matrix"]) == 2 and (out / "test_matrix.png").exists() and (out / "summary.json").exists()
+    assert (out / "tasks" / "task-1" / "adapters" / "task1" / "adapter_model.safetensors").exists()
+    r = CliRunner().invoke(app, ["continual", str(cfg), "--set", "strategy.name=nope"])
+    assert r.exit_code != 0 and "strategy needs a 'name'" in said(r)
+    r = CliRunner().invoke(app, ["continual", str(cfg), "--set", "method.r=-1"])
+    assert r.exit_code != 0 and "run.yaml: method" in said(r)

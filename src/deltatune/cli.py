@@ -43,6 +43,28 @@ def train(
                       "tokens_per_s": round(result.tokens_per_second, 1), "adapter": str(result.adapter_dir)}))
 
 
+@app.command()
+def continual(
+    config: Path = typer.Argument(..., help="Continual run YAML (model, method, strategy, stream, eval, train, output)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue after the last task saved in output/tasks."),
+    set_: list[str] = typer.Option([], "--set", help="Override a value, e.g. --set strategy.memory=500 (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+):
+    """Learn a stream of tasks with a continual strategy; one accuracy matrix per eval file.
+
+    Example: deltatune continual clinc.yaml --set strategy.name=simplecil
+    """
+    from .continual.config import load_continual_config, run_continual
+
+    try:
+        cfg = load_continual_config(config, set_)
+        matrices = run_continual(cfg, resume=resume, progress=not quiet,
+                                 report=None if quiet else (lambda s: console.print(escape(s))))
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        _fail(e)
+    print(json.dumps({"output": str(cfg.output), **{n: m.summary() for n, m in matrices.items()}}))
+
+
 def _load(model: str, adapter: Path | None, allow_pickle: bool = False, **kw):
     from . import load_adapter
     from .models import load_pretrained

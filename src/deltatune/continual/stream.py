@@ -122,7 +122,7 @@ class TaskStream:
             if num_tasks <= 0:
                 raise ValueError(f"num_tasks must be > 0, got {num_tasks}")
             bounds = bounds[: num_tasks + 1]
-        order = order[: bounds[-1]]
+        full, order = order, order[: bounds[-1]]
         cid = {n: i for i, n in enumerate(order)}
         by_class: dict[int, list[str]] = {}
         for text, y in rows:
@@ -143,7 +143,7 @@ class TaskStream:
                 examples += [(x, c) for x in texts]
             tasks.append(Task(t, classes, examples, name=f"task {t}"))
         meta = {"file": str(path), "seed": seed, "task_size": task_size, "first_task_size": first_task_size,
-                "shots": shots, "setting": setting, "class_order": order}
+                "shots": shots, "setting": setting, "num_tasks": num_tasks, "class_order": full}
         return cls(tasks, order, setting, meta)
 
     @classmethod

@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import yaml
@@ -25,6 +26,8 @@ from ..core.targeting import output_heads
 from ..models import load_pretrained
 from .data import Collator, load_dataset
 from .trainer import TrainConfig, Trainer, TrainResult
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class DataConfig(BaseModel):
@@ -77,8 +80,9 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[last] = value
 
 
-def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read and validate a run YAML; ``overrides`` are ``key.sub=value`` strings (values parsed as YAML)."""
+def read_run_file(path: str | Path, schema: type[M], overrides: Sequence[str] = (), sections: str = "") -> M:
+    """Read a run YAML into ``schema``; ``overrides`` are ``key.sub=value`` strings (values parsed as YAML).
+    Every problem names the file and the key."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -87,17 +91,22 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of sections (model, method, data, train, output)")
+        raise ValueError(f"{path}: expected a mapping of sections ({sections or ', '.join(schema.model_fields)})")
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
         key, value = item.split("=", 1)
         _set(raw, key.strip(), yaml.safe_load(value))
     try:
-        return RunConfig(**raw)
+        return schema(**raw)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
         raise ValueError(f"{path}: {problems}") from None
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read and validate a training run YAML (see :func:`read_run_file`)."""
+    return read_run_file(path, RunConfig, overrides, "model, method, data, train, output")
 
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
