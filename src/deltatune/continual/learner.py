@@ -102,12 +102,18 @@ class Learner:
         excl = ["head"] if excl is None else ([excl] if isinstance(excl, str) else list(excl)) + ["head"]
         return cfg.model_copy(update={"exclude": excl})
 
-    def add_adapter(self, name: str, cfg: DeltaConfig | None = None) -> None:
-        """A fresh adapter ``name`` of the run's method (or ``cfg``) on the backbone, trainable."""
+    def add_adapter(self, name: str, cfg: DeltaConfig | None = None, *, seed: int | None = None) -> None:
+        """A fresh adapter ``name`` of the run's method (or ``cfg``) on the backbone, trainable. With ``seed`` its
+        initialisation depends on nothing else (the global RNG is left as it was): a resumed run re-creates it."""
         cfg = self._config(cfg)
         if self.dm is None:
             self.dm = DeltaModel(self.model)
-        self.dm.add(cfg, name)
+        if seed is None:
+            self.dm.add(cfg, name)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.dm.add(cfg, name)
         self.model.head.requires_grad_(False)
 
     def load_adapter(self, folder: str | Path, name: str) -> None:

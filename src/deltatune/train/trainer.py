@@ -269,6 +269,7 @@ class Trainer:
             warnings.warn(f"the checkpoint holds the state of training hooks this run does not have ({', '.join(lost)}); "
                           "it is ignored", stacklevel=2)
         stream = self._stream(state["epoch"], state["index"])
+        self.opt.zero_grad(set_to_none=True)  # gradients left by the caller would join the first step
         losses: list[float] = []
         last_eval: dict[str, float] = {}
         t0 = time.perf_counter() - state["seconds"]

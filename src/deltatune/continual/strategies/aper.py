@@ -28,7 +28,7 @@ class APER(Strategy):
 
     def learn(self, task: Task) -> None:
         if task.index == 0:
-            self.learner.add_adapter("first")
+            self.learner.add_adapter("first", seed=self.task_seed(task))
             self.learner.train("first", task.examples, task.classes, steps=self.opts["steps"],
                                seed=self.task_seed(task))
         means = class_means(self._features(task.texts), task.labels)

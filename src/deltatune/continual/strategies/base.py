@@ -80,7 +80,7 @@ class Strategy:
         n = sum(p.numel() for name in self.learner.adapters for d in dm.deltas(name).values()
                 for p in d.parameters()) if dm is not None else 0
         return n + (self.learner.model.head.weight.numel() + self.learner.model.head.bias.numel()
-                    if self.trains else 0)
+                    if self.learner.adapters else 0)
 
     # -- state -------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> None:

@@ -22,7 +22,7 @@ class PerTask(Strategy):
 
     def learn(self, task: Task) -> None:
         name = f"task{task.index}"
-        self.learner.add_adapter(name)
+        self.learner.add_adapter(name, seed=self.task_seed(task))
         self.learner.train(name, task.examples, task.classes, steps=self.opts["steps"], seed=self.task_seed(task))
         keys = self.tensors.get("keys")
         if keys is None:

@@ -22,7 +22,7 @@ class SeqFT(Strategy):
 
     def learn(self, task: Task) -> None:
         if "shared" not in self.learner.adapters:
-            self.learner.add_adapter("shared")
+            self.learner.add_adapter("shared", seed=self.task_seed(task))
         allowed = self.stream.seen_classes(task.index)
         self.learner.train("shared", self.training_examples(task), allowed, steps=self.opts["steps"],
                            seed=self.task_seed(task))
