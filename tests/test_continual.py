@@ -295,3 +295,10 @@ def test_olora_keeps_each_task_orthogonal_to_the_earlier_ones(tok, files):
     assert runs[5.0].orthogonality() < 0.2 * runs[0.0].orthogonality()
     with pytest.raises(ValueError, match="method 'ia3' has none"):
         make_strategy("olora", Learner(tiny_encoder(tok), tok, stream.num_classes, dt.config("ia3")), stream)
+
+
+def test_a_task_without_test_examples_weighs_nothing():
+    m = AccuracyMatrix([4, 0])
+    m.add_row([0.5])
+    m.add_row([0.25, float("nan")])  # what run.evaluate writes for an empty part
+    assert m.accuracy() == [0.5, 0.25]

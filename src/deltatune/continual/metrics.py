@@ -41,9 +41,9 @@ class AccuracyMatrix:
     def accuracy(self) -> list[float]:
         """A_t for every task learnt: accuracy on all test examples of tasks 0..t, weighted by their counts."""
         out = []
-        for t, row in enumerate(self.rows):
+        for t, row in enumerate(self.rows):  # a task with no test examples (NaN accuracy) weighs nothing
             n = sum(self.counts[: t + 1])
-            out.append(sum(a * c for a, c in zip(row, self.counts)) / n if n else math.nan)
+            out.append(sum(a * c for a, c in zip(row, self.counts) if c) / n if n else math.nan)
         return out
 
     def summary(self) -> dict[str, float]:

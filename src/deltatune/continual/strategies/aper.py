@@ -31,13 +31,7 @@ class APER(Strategy):
             self.learner.add_adapter("first", seed=self.task_seed(task))
             self.learner.train("first", task.examples, task.classes, steps=self.opts["steps"],
                                seed=self.task_seed(task))
-        means = class_means(self._features(task.texts), task.labels)
-        protos = self.tensors.get("prototypes")
-        if protos is None:
-            protos = torch.zeros(self.stream.num_classes, 2 * self.learner.model.hidden)
-        for c, m in means.items():
-            protos[c] = m
-        self.tensors["prototypes"] = protos
+        self.put_rows("prototypes", class_means(self._features(task.texts), task.labels))
 
     def predict(self, texts: Sequence[str], allowed: Sequence[int], task: int | None = None) -> Tensor:
         return cosine_predict(self._features(texts), self.tensors["prototypes"][list(allowed)], allowed)

@@ -71,6 +71,17 @@ class Strategy:
         idx = torch.as_tensor(list(allowed))
         return idx[logits[:, idx].argmax(-1)]
 
+    def put_rows(self, key: str, rows: dict[int, Tensor]) -> Tensor:
+        """Write per-class rows (class id -> vector) into ``tensors[key]``, a (num_classes, width) table created
+        with zeros on first use; returns the table."""
+        table = self.tensors.get(key)
+        if table is None:
+            width = next(iter(rows.values())).shape[-1]
+            table = self.tensors[key] = torch.zeros(self.stream.num_classes, width)
+        for c, v in rows.items():
+            table[c] = v
+        return table
+
     def task_seed(self, task: Task) -> int:
         return self.seed * 1000 + task.index
 

@@ -24,12 +24,7 @@ class PerTask(Strategy):
         name = f"task{task.index}"
         self.learner.add_adapter(name, seed=self.task_seed(task))
         self.learner.train(name, task.examples, task.classes, steps=self.opts["steps"], seed=self.task_seed(task))
-        keys = self.tensors.get("keys")
-        if keys is None:
-            keys = torch.zeros(self.stream.num_classes, self.learner.model.hidden)
-        for c, m in class_means(self.learner.features(task.texts), task.labels).items():
-            keys[c] = m
-        self.tensors["keys"] = keys
+        self.put_rows("keys", class_means(self.learner.features(task.texts), task.labels))
 
     def infer_tasks(self, texts: Sequence[str], allowed: Sequence[int]) -> list[int]:
         owner = self.stream.task_of_class()

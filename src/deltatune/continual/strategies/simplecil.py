@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from ..learner import class_means, cosine_predict
@@ -21,13 +20,7 @@ class SimpleCIL(Strategy):
 
     def prototypes_from(self, task: Task, adapters=None) -> None:
         """Add (or replace) the prototypes of ``task``'s classes from its features with ``adapters`` active."""
-        means = class_means(self.learner.features(task.texts, adapters), task.labels)
-        protos = self.tensors.get("prototypes")
-        if protos is None:
-            protos = torch.zeros(self.stream.num_classes, self.learner.model.hidden)
-        for c, m in means.items():
-            protos[c] = m
-        self.tensors["prototypes"] = protos
+        self.put_rows("prototypes", class_means(self.learner.features(task.texts, adapters), task.labels))
 
     def learn(self, task: Task) -> None:
         self.prototypes_from(task)

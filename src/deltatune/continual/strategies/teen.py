@@ -40,18 +40,13 @@ class TEEN(Strategy):
             self.learner.train("first", task.examples, task.classes, steps=self.opts["steps"],
                                seed=self.task_seed(task))
         means = class_means(self.learner.features(task.texts, self._adapters()), task.labels)
-        protos = self.tensors.get("prototypes")
-        if protos is None:
-            protos = torch.zeros(self.stream.num_classes, self.learner.model.hidden)
         if task.index > 0:
-            base = protos[self.stream[0].classes]
+            base = self.tensors["prototypes"][self.stream[0].classes]
             new = torch.stack([means[c] for c in sorted(means)])
             w = (float(self.opts["tau"]) * F.normalize(new, dim=-1) @ F.normalize(base, dim=-1).T).softmax(-1)
             new = float(self.opts["alpha"]) * new + (1 - float(self.opts["alpha"])) * (w @ base)
             means = dict(zip(sorted(means), new))
-        for c, m in means.items():
-            protos[c] = m
-        self.tensors["prototypes"] = protos
+        self.put_rows("prototypes", means)
 
     def predict(self, texts: Sequence[str], allowed: Sequence[int], task: int | None = None) -> Tensor:
         feats = self.learner.features(texts, self._adapters())
