@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -47,8 +47,8 @@ class ContinualRunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    pooling: str = "mean"
-    dtype: str | None = None
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     method: dict[str, Any] | None = None
     strategy: dict[str, Any]
     stream: StreamConfig
